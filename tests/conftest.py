@@ -1,0 +1,13 @@
+import os
+
+# tests never reach the Hugging Face hub: everything they use is built or shipped locally
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+# under pytest-xdist each worker gets one core of the two
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)

@@ -1,0 +1,303 @@
+"""The MLTP gradient against brute force (SPEC.md, The objective / Two ways to get the second order)."""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from timm_mltp import (MLTPConfig, MLTPConfigError, alpha_from_optimizer, mltp_backward, second_order_in_use,
+                       select_parameters, split_tasks)
+
+
+def small_net():
+    """conv + BN + two linear layers, smooth activations, float64: a few hundred parameters."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GELU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)).double().train()
+
+
+def tasks(seed=1, n=6):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * n, 3, 5, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (2 * n,), generator=g)
+    return split_tasks((x, y))
+
+
+def ce(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x), y)
+
+
+def mltp_objective(model, params, task_i, task_j, s_names, alpha, gamma):
+    """L_MLTP written out as SPEC.md has it, as a function of all parameters."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    loss_i = ce(lambda x: functional_call(model, {**params, **buffers}, (x,)), task_i)
+    g_s = torch.autograd.grad(loss_i, [params[n] for n in s_names], create_graph=True) if s_names else []
+    shifted = dict(params)
+    for n, g in zip(s_names, g_s):
+        shifted[n] = params[n] - (alpha[n] if isinstance(alpha, dict) else alpha) * g
+    loss_j = ce(lambda x: functional_call(model, {**shifted, **buffers}, (x,)), task_j)
+    return (1 - gamma) * loss_i + gamma * loss_j
+
+
+def reference_grad(model, task_i, task_j, s_names, alpha, gamma):
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    loss = mltp_objective(model, params, task_i, task_j, s_names, alpha, gamma)
+    return dict(zip(params, torch.autograd.grad(loss, list(params.values())))), loss.item()
+
+
+def grads_of(model, variant, alpha=0.3, gamma=0.5, seed=1, **cfg):
+    model.zero_grad(set_to_none=True)
+    stats = mltp_backward(model, *tasks(seed), ce, MLTPConfig(variant=variant, gamma=gamma, **cfg), alpha=alpha)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, stats
+
+
+def max_rel_err(a, b):
+    num = max((a[n] - b[n]).abs().max().item() for n in a)
+    return num / max(b[n].abs().max().item() for n in b)
+
+
+def test_reference_matches_numerical_differences():
+    """The brute-force reference itself, checked by central differences of the scalar L_MLTP."""
+    model = small_net()
+    s_names = select_parameters(model, "full")
+    ref, _ = reference_grad(model, *tasks(), s_names, 0.3, 0.5)
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+
+    def objective_with(name, k, value):
+        with torch.no_grad():
+            params[name].view(-1)[k] = value
+        return mltp_objective(model, params, *tasks(), s_names, 0.3, 0.5).item()
+
+    h = 1e-6
+    for name in ("0.weight", "1.bias", "5.weight", "7.bias"):
+        flat = params[name].detach().view(-1)
+        for k in range(0, flat.numel(), max(1, flat.numel() // 7)):
+            old = flat[k].item()
+            up, down = objective_with(name, k, old + h), objective_with(name, k, old - h)
+            objective_with(name, k, old)
+            assert (up - down) / (2 * h) == pytest.approx(ref[name].view(-1)[k].item(), abs=1e-7)
+
+
+@pytest.mark.parametrize("variant", ["full", "conv", "fc", "5.*,1.weight"])
+@pytest.mark.parametrize("second_order,scheme,tol", [("exact", "forward", 1e-10), ("fd", "forward", 1e-5),
+                                                     ("fd", "central", 1e-7)])
+def test_gradient_matches_brute_force(variant, second_order, scheme, tol):
+    model = small_net()
+    s_names = select_parameters(model, variant)
+    expected, expected_loss = reference_grad(model, *tasks(), s_names, 0.3, 0.4)
+    got, stats = grads_of(model, variant, gamma=0.4, second_order=second_order, fd_scheme=scheme)
+    assert stats.second_order == second_order
+    assert stats.loss == pytest.approx(expected_loss, rel=1e-12)
+    assert max_rel_err(got, expected) < tol
+    # parameters outside S get their mixed second-derivative terms too
+    outside = [n for n in expected if n not in s_names]
+    if outside:
+        naive = {n: reference_grad(model, *tasks(), [], 0.0, 0.4)[0][n] for n in outside}
+        error = max((got[n] - expected[n]).abs().max().item() for n in outside)
+        assert max((got[n] - naive[n]).abs().max().item() for n in outside) > 100 * error
+
+
+def test_fo_is_first_order_formula():
+    """fo: (1 - gamma) grad L_i(w) + gamma grad L_j(w'), w' = w - alpha grad L_i(w) held constant."""
+    model = small_net()
+    task_i, task_j = tasks()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    g_i = torch.autograd.grad(ce(lambda x: functional_call(model, params, (x,)), task_i), list(params.values()))
+    shifted = {n: (p - 0.3 * g).detach().requires_grad_() for (n, p), g in zip(params.items(), g_i)}
+    g_j = torch.autograd.grad(ce(lambda x: functional_call(model, shifted, (x,)), task_j), list(shifted.values()))
+    expected = {n: 0.75 * a + 0.25 * b for n, a, b in zip(params, g_i, g_j)}
+    got, stats = grads_of(model, "fo", gamma=0.25)
+    assert stats.second_order == "first"
+    assert max_rel_err(got, expected) < 1e-12
+    cos = sum((a * b).sum() for a, b in zip(g_i, g_j)) / (
+        math.sqrt(sum((a * a).sum() for a in g_i)) * math.sqrt(sum((b * b).sum() for b in g_j)))
+    assert stats.grad_cosine == pytest.approx(cos.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["none", "full", "fo"])
+def test_alpha_zero_is_weighted_loss_of_both_tasks(variant):
+    model = small_net()
+    expected, _ = reference_grad(model, *tasks(), [], 0.0, 0.3)
+    got, stats = grads_of(model, variant, alpha=0.0, gamma=0.3)
+    assert max_rel_err(got, expected) < 1e-12
+    task_i, task_j = tasks()
+    with torch.no_grad():
+        assert stats.loss_i == pytest.approx(ce(model, task_i).item(), rel=1e-12)
+        assert stats.loss_j == pytest.approx(ce(model, task_j).item(), rel=1e-12)
+
+
+def test_taylor_expansion_error_shrinks_like_alpha_squared():
+    """L_MLTP ~ (1-g) L_i + g L_j - g alpha <P_S g_i, g_j> with an error O(alpha^2) (SPEC.md)."""
+    model = small_net()
+    task_i, task_j = tasks()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    loss_i = ce(lambda x: functional_call(model, params, (x,)), task_i)
+    loss_j = ce(lambda x: functional_call(model, params, (x,)), task_j)
+    g_i = torch.autograd.grad(loss_i, list(params.values()))
+    g_j = torch.autograd.grad(loss_j, list(params.values()))
+    inner = sum((a * b).sum() for a, b in zip(g_i, g_j)).item()
+    errors = []
+    for alpha in (0.2, 0.1, 0.05):
+        _, stats = grads_of(model, "full", alpha=alpha, gamma=0.5)
+        taylor = 0.5 * loss_i.item() + 0.5 * loss_j.item() - 0.5 * alpha * inner
+        errors.append(abs(stats.loss - taylor))
+    assert errors[0] / errors[1] == pytest.approx(4, rel=0.15)
+    assert errors[1] / errors[2] == pytest.approx(4, rel=0.1)
+
+
+def test_per_parameter_alpha_and_optimizer_helper():
+    model = small_net()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.5},
+                           {"params": [p for m in list(model)[1:] for p in m.parameters()], "lr": 0.1}], lr=0.1)
+    alpha = alpha_from_optimizer(model, opt, alpha_scale=2.0)
+    assert alpha["0.weight"] == 1.0 and alpha["7.bias"] == pytest.approx(0.2)
+    s_names = select_parameters(model, "full")
+    expected, _ = reference_grad(model, *tasks(), s_names, alpha, 0.5)
+    got, stats = grads_of(model, "full", alpha=alpha, second_order="exact")
+    assert max_rel_err(got, expected) < 1e-10
+    n0 = model[0].weight.numel() + model[0].bias.numel()
+    total = sum(p.numel() for p in model.parameters())
+    assert stats.alpha == pytest.approx((1.0 * n0 + 0.2 * (total - n0)) / total)
+
+
+@pytest.mark.parametrize("second_order", ["exact", "fd"])
+def test_gradients_accumulate_and_follow_loss_scale(second_order):
+    model = small_net()
+    once, _ = grads_of(model, "full", second_order=second_order)
+    for scale in (1.0, 1024.0):
+        model.zero_grad(set_to_none=True)
+        for _ in range(2):
+            mltp_backward(model, *tasks(), ce, MLTPConfig("full", second_order=second_order), 0.3, loss_scale=scale)
+        got = {n: p.grad for n, p in model.named_parameters()}
+        assert max_rel_err(got, {n: 2 * scale * g for n, g in once.items()}) < 1e-6
+
+
+def timm_with_dropout(name="test_efficientnet"):
+    """SiLU, BatchNorm, dropout and drop path. Smooth activations: on ReLU networks the gradient of
+    L_MLTP jumps at every kink a finite difference steps across, and fd and exact differ by design."""
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=10, drop_rate=0.3, drop_path_rate=0.2).train()
+
+
+def image_tasks(seed=0, n=8, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return split_tasks((torch.randn(2 * n, 3, size, size, generator=g), torch.randint(0, 10, (2 * n,), generator=g)))
+
+
+def run_seeded(model, cfg, alpha=0.05, seed=123):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    stats = mltp_backward(model, *image_tasks(), ce, cfg, alpha)
+    return torch.cat([p.grad.flatten() for p in model.parameters()]), stats
+
+
+@pytest.mark.parametrize("scheme,tol", [("forward", 1e-2), ("central", 3e-3)])
+def test_fd_matches_exact_on_timm_model_with_dropout_and_batchnorm(scheme, tol):
+    model = timm_with_dropout()
+    exact, s_exact = run_seeded(model, MLTPConfig("full", second_order="exact"))
+    buffers_exact = {n: b.clone() for n, b in model.named_buffers()}
+    model.load_state_dict(timm_with_dropout().state_dict())
+    fd, s_fd = run_seeded(model, MLTPConfig("full", second_order="fd", fd_scheme=scheme))
+    # same dropout masks and batch statistics: the losses agree to rounding, the gradients to the fd error
+    assert s_fd.loss_i == pytest.approx(s_exact.loss_i, rel=1e-6)
+    assert s_fd.loss_j == pytest.approx(s_exact.loss_j, rel=1e-4)
+    assert ((fd - exact).norm() / exact.norm()).item() < tol
+    # and the second-order part is really there: plain fo is much further away
+    model.load_state_dict(timm_with_dropout().state_dict())
+    fo, _ = run_seeded(model, MLTPConfig("fo"))
+    assert ((fo - exact).norm() / exact.norm()).item() > 5 * tol
+    # the extra fd passes leave running statistics as the two real passes left them
+    model.load_state_dict(timm_with_dropout().state_dict())
+    run_seeded(model, MLTPConfig("full", second_order="fd", fd_scheme=scheme))
+    for n, b in model.named_buffers():
+        assert torch.allclose(b.float(), buffers_exact[n].float(), rtol=1e-4, atol=1e-6), n
+
+
+def test_auto_picks_exact_where_double_backward_works_and_fd_elsewhere():
+    resnet = timm_with_dropout("test_resnet")
+    _, stats = run_seeded(resnet, MLTPConfig("full"))
+    assert stats.second_order == "exact" == second_order_in_use(resnet, MLTPConfig("full"))
+    vit = timm_with_dropout("test_vit")      # fused scaled-dot-product attention: no double backward on CPU
+    state = copy.deepcopy(vit.state_dict())
+    auto, stats = run_seeded(vit, MLTPConfig("full"))
+    assert stats.second_order == "fd" == second_order_in_use(vit, MLTPConfig("full"))
+    vit.load_state_dict(state)
+    fd, _ = run_seeded(vit, MLTPConfig("full", second_order="fd"))
+    assert torch.allclose(auto, fd, rtol=1e-5, atol=1e-7)   # the probe left no trace in the fd step
+    with pytest.raises(MLTPConfigError, match="fd"):
+        run_seeded(vit, MLTPConfig("full", second_order="exact"))
+
+
+def test_auto_on_hardswish_model_falls_back_to_fd():
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).train()
+    _, stats = run_seeded(model, MLTPConfig("full"))
+    assert stats.second_order == "fd"
+
+
+def bn_state(model):
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("variant", ["full", "fo", "none"])
+def test_batchnorm_first_updates_running_stats_from_task_i_only(variant):
+    model = small_net()
+    reference = copy.deepcopy(model)
+    task_i, _ = tasks()
+    reference(task_i[0])                        # one training-mode forward of task i
+    grads_of(model, variant, bn_update="first", second_order="fd")
+    for n, b in bn_state(model).items():
+        assert torch.equal(b, bn_state(reference)[n]), n
+
+
+def test_batchnorm_both_updates_from_both_passes():
+    model = small_net()
+    reference = copy.deepcopy(model)
+    task_i, task_j = tasks()
+    reference(task_i[0])
+    reference(task_j[0])                        # variant fc moves only layers after the BatchNorm
+    grads_of(model, "fc", bn_update="both", second_order="fd")
+    assert model[1].num_batches_tracked.item() == 2
+    for n, b in bn_state(model).items():
+        assert torch.allclose(b, bn_state(reference)[n], rtol=1e-12), n
+
+
+def test_bad_input_is_a_clear_error():
+    model = small_net()
+    with pytest.raises(MLTPConfigError, match="did you mean variant 'full'"):
+        grads_of(model, "ful")
+    with pytest.raises(MLTPConfigError, match=r"'layer9\.\*' matches no trainable parameter of Sequential"):
+        grads_of(model, "layer9.*")
+    with pytest.raises(MLTPConfigError, match="gamma must be a number in \\(0, 1\\]"):
+        MLTPConfig(gamma=0.0)
+    with pytest.raises(MLTPConfigError, match="gamma"):
+        MLTPConfig(gamma=1.5)
+    with pytest.raises(MLTPConfigError, match="second_order must be one of"):
+        MLTPConfig(second_order="hessian")
+    with pytest.raises(MLTPConfigError, match="alpha .* must be a finite number >= 0, got -0.1"):
+        grads_of(model, "full", alpha=-0.1)
+    with pytest.raises(MLTPConfigError, match="no step size for"):
+        grads_of(model, "full", alpha={"0.weight": 0.1})
+    with pytest.raises(MLTPConfigError, match="cannot split a batch of 5 samples"):
+        split_tasks((torch.zeros(5, 3), torch.zeros(5)))
+    with pytest.raises(MLTPConfigError, match="different batch sizes"):
+        split_tasks({"x": torch.zeros(4, 3), "y": torch.zeros(6)})
+    with pytest.raises(MLTPConfigError, match="scalar tensor"):
+        mltp_backward(model, *tasks(), lambda m, b: m(b[0]), MLTPConfig(), 0.1)
+    with pytest.raises(MLTPConfigError, match="selects no trainable parameter"):
+        grads_of(nn.Sequential(nn.Linear(3, 3)).double(), "conv")
+
+
+def test_split_tasks_keeps_structure():
+    from transformers import BatchEncoding
+    batch = BatchEncoding({"input_ids": torch.arange(8).view(4, 2), "labels": torch.arange(4)})
+    task_i, task_j = split_tasks(batch)
+    assert isinstance(task_i, BatchEncoding)
+    assert task_i["labels"].tolist() == [0, 1] and task_j["input_ids"].tolist() == [[4, 5], [6, 7]]
+    (xi, yi), (xj, yj) = split_tasks([torch.zeros(6, 2), torch.arange(6)])
+    assert yi.tolist() == [0, 1, 2] and yj.tolist() == [3, 4, 5]

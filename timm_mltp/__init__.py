@@ -1,0 +1,11 @@
+"""timm-mltp: meta-learning based training (MLTP, arXiv:2002.12455) for timm and Hugging Face models."""
+from .distributed import average_gradients
+from .errors import MLTPConfigError
+from .mltp import (MLTPConfig, MLTPStats, alpha_from_optimizer, mltp_backward, second_order_in_use,
+                   split_tasks)
+from .selection import VARIANTS, select_parameters, summarize_selection
+
+__version__ = "0.1.0"
+
+__all__ = ["MLTPConfig", "MLTPConfigError", "MLTPStats", "VARIANTS", "alpha_from_optimizer", "average_gradients", "mltp_backward",
+           "second_order_in_use", "select_parameters", "split_tasks", "summarize_selection"]

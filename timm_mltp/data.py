@@ -1,0 +1,302 @@
+"""Image classification data for the MLTP recipe: Hugging Face `datasets` in, timm transforms on top.
+
+    ds = load_image_dataset()                       # the shipped Fashion-MNIST subset
+    tf = create_transforms(model, img_size=32, scale=(0.8, 1.0))
+    train = apply_transforms(ds.train, tf, ds.image_column, ds.label_column)
+    loader = DataLoader(train, batch_size=64, shuffle=True, collate_fn=collate_image_batch)
+"""
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from timm_mltp.errors import MLTPConfigError
+
+__all__ = [
+    "DEFAULT_DATASET", "ImageDataset", "load_image_dataset", "create_transforms",
+    "apply_transforms", "collate_image_batch", "convert_image",
+]
+
+# Shipped with the package: pyproject must list `timm_mltp/data/**` as package data so that this
+# folder also exists in non-editable installs (and in the wheel).
+DEFAULT_DATASET = Path(__file__).resolve().parent / "data" / "fashion_mnist_small"
+
+IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label", "class", "target")
+EVAL_SPLITS = ("validation", "test", "val")
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+# huggingface_hub's repo id shape: optional "owner/" then a name.
+HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]{1,96}$")
+# List/LargeList are new in datasets 4 (Sequence before); getattr keeps older versions working.
+_ARRAY_FEATURES = tuple(getattr(datasets, n) for n in ("Sequence", "List", "LargeList", "Array2D", "Array3D")
+                        if isinstance(getattr(datasets, n, None), type))
+
+
+@dataclass
+class ImageDataset:
+    train: datasets.Dataset
+    eval: Optional[datasets.Dataset]  # None when the source has no eval split and none was asked for
+    image_column: str
+    label_column: str
+    num_classes: int
+    class_names: Optional[list[str]]
+
+
+def load_image_dataset(
+    name_or_path: Union[str, os.PathLike, None] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    train_split: Optional[str] = None,
+    eval_split: Optional[str] = None,
+) -> ImageDataset:
+    """Load an image classification dataset: a Hub id, a local data folder or file, an imagefolder,
+    or a `save_to_disk` folder. `None` loads the shipped Fashion-MNIST subset (`DEFAULT_DATASET`)."""
+    source = str(DEFAULT_DATASET if name_or_path is None else name_or_path)
+    dd = _load(source)
+
+    train_split = train_split or "train"
+    if train_split not in dd:
+        raise MLTPConfigError(
+            f"Dataset {source!r} has no train split {train_split!r}; its splits are {sorted(dd)}. "
+            f"Pass the split to train on with train_split= (--train-split).")
+    if eval_split is not None and eval_split not in dd:
+        raise MLTPConfigError(
+            f"Dataset {source!r} has no eval split {eval_split!r}; its splits are {sorted(dd)}. "
+            f"Pass one of these with eval_split= (--eval-split), or leave it unset to pick "
+            f"{'/'.join(EVAL_SPLITS)} automatically.")
+    eval_split = eval_split or next((s for s in EVAL_SPLITS if s in dd and s != train_split), None)
+    train = dd[train_split]
+    eval_ = dd[eval_split] if eval_split else None
+
+    features = train.features
+    image_column = _pick_column(source, features, image_column, IMAGE_COLUMNS, datasets.Image, "image")
+    label_column = _pick_column(source, features, label_column, LABEL_COLUMNS, datasets.ClassLabel, "label")
+    if image_column == label_column:
+        raise MLTPConfigError(
+            f"Dataset {source!r}: image and label column are both {image_column!r}. "
+            f"Pass distinct --image-column and --label-column.")
+    if eval_ is not None:
+        missing = [c for c in (image_column, label_column) if c not in eval_.column_names]
+        if missing:
+            raise MLTPConfigError(
+                f"Dataset {source!r}: eval split {eval_split!r} lacks column(s) {missing}; its columns are "
+                f"{eval_.column_names}. Pass an eval split that has images and labels with --eval-split.")
+
+    splits = {"train": train, "eval": eval_}
+    splits = {k: _prepare_image_column(source, v, image_column) for k, v in splits.items() if v is not None}
+    splits = _prepare_label_column(source, splits, label_column)
+    label_feature = splits["train"].features[label_column]
+    if isinstance(label_feature, datasets.ClassLabel):
+        num_classes, class_names = label_feature.num_classes, list(label_feature.names)
+    else:
+        num_classes, class_names = 1 + max(_max_label(source, d, label_column) for d in splits.values()), None
+    return ImageDataset(splits["train"], splits.get("eval"), image_column, label_column, num_classes, class_names)
+
+
+def _load(source: str) -> datasets.DatasetDict:
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        loaded = datasets.load_from_disk(str(path))  # memory-maps, unlike load_dataset which would copy into the cache
+    elif path.is_dir():
+        loaded = _call_load_dataset(source, str(path))
+    elif path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise MLTPConfigError(
+                f"Dataset file {source!r} has an unsupported type; expected one of {sorted(FILE_BUILDERS)}, "
+                f"a folder (parquet/arrow/csv files, an imagefolder, or a save_to_disk folder) or a Hub id.")
+        loaded = _call_load_dataset(source, builder, data_files={"train": str(path)})
+    elif HUB_ID.match(source):
+        loaded = _load_hub(source)
+    else:
+        raise MLTPConfigError(
+            f"Dataset path {source!r} does not exist (and is not a Hub dataset id such as 'owner/name'). "
+            f"Pass an existing folder or file, a Hub id, or nothing for the shipped default {str(DEFAULT_DATASET)!r}.")
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise MLTPConfigError(f"Dataset {source!r} loaded as {type(loaded).__name__}; expected a (map-style) "
+                              f"DatasetDict. Streaming datasets are not supported.")
+    return loaded
+
+
+def _call_load_dataset(source, *args, **kwargs):
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # datasets raises many types for unreadable folders; the cause stays chained
+        raise MLTPConfigError(
+            f"Could not load dataset {source!r} with datasets.load_dataset: {type(e).__name__}: {e}. "
+            f"Expected a folder of parquet/arrow/csv/json files (train/test or train/validation splits), "
+            f"an imagefolder (one subfolder per class), or a save_to_disk folder.") from e
+
+
+def _load_hub(source):
+    try:
+        return datasets.load_dataset(source)
+    except Exception as e:
+        if datasets.config.HF_HUB_OFFLINE or "offline" in str(e).lower():
+            raise MLTPConfigError(
+                f"Dataset {source!r} is not a local path, and as a Hub dataset id it cannot be loaded because "
+                f"offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and it is not in the local cache. "
+                f"Load it once while online, or pass a local folder (e.g. one written with save_to_disk), "
+                f"or nothing for the shipped default.") from e
+        raise MLTPConfigError(
+            f"Dataset {source!r} is not a local path and could not be loaded from the Hub: "
+            f"{type(e).__name__}: {e}. Check the id, your network and token, or pass a local folder.") from e
+
+
+def _pick_column(source, features, given, candidates, feature_type, kind):
+    columns = list(features)
+    if given is not None:
+        if given not in features:
+            raise MLTPConfigError(
+                f"Dataset {source!r} has no {kind} column {given!r}; its columns are {columns}. "
+                f"Pass one of these with --{kind}-column.")
+        return given
+    found = next((c for c in candidates if c in features), None)
+    found = found or next((c for c, f in features.items() if isinstance(f, feature_type)), None)
+    if found is None:
+        raise MLTPConfigError(
+            f"Dataset {source!r}: found no {kind} column; expected one named {'/'.join(candidates)} or a "
+            f"datasets.{feature_type.__name__} feature, but its columns are {columns}. "
+            f"Name the column with --{kind}-column.")
+    return found
+
+
+def _prepare_image_column(source, ds, column):
+    feature = ds.features[column]
+    if isinstance(feature, datasets.Image):
+        return ds
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        return ds.cast_column(column, datasets.Image())  # file paths (absolute, or relative to the cwd)
+    if isinstance(feature, _ARRAY_FEATURES):
+        return ds  # pixel arrays (HxW or HxWxC, uint8); converted per example in apply_transforms
+    raise MLTPConfigError(
+        f"Dataset {source!r}: image column {column!r} has type {feature}; expected datasets.Image, file path "
+        f"strings or pixel arrays. Pick another column with --image-column.")
+
+
+def _prepare_label_column(source, splits, column):
+    feature = splits["train"].features[column]
+    if isinstance(feature, datasets.ClassLabel):
+        return splits
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        # Encode class names with one mapping across splits (DatasetDict.class_encode_column encodes each split alone).
+        names = sorted(set().union(*(d.unique(column) for d in splits.values())) - {None})
+        return {k: d.cast_column(column, datasets.ClassLabel(names=names)) for k, d in splits.items()}
+    if dtype is None or not re.fullmatch(r"u?int\d+", dtype):
+        raise MLTPConfigError(
+            f"Dataset {source!r}: label column {column!r} has type {feature}; expected a ClassLabel, integer "
+            f"class ids or class name strings. Pick another column with --label-column.")
+    return splits
+
+
+def _max_label(source, ds, column):
+    labels = ds.with_format("numpy", columns=[column])[:][column]  # ds[column] is a lazy Column in datasets>=4
+    if len(labels) and labels.min() < 0:
+        raise MLTPConfigError(
+            f"Dataset {source!r}: label column {column!r} has negative values (min {labels.min()}); expected "
+            f"class ids 0..num_classes-1 (unlabeled eval splits cannot be used for evaluation).")
+    return int(labels.max()) if len(labels) else -1
+
+
+def create_transforms(model, img_size=None, is_training: bool = True, **aug) -> Callable:
+    """timm's transform for `model`: `resolve_data_config` + `create_transform`.
+
+    `img_size` (int or (h, w)) overrides the model's input size. `aug` holds data-config keys
+    (input_size, mean, std, crop_pct, crop_mode, interpolation, in_chans) and any other `create_transform`
+    kwargs, e.g. `scale=(0.8, 1.0)`, `hflip=0.0`, `color_jitter=0.0`, `auto_augment='rand-m9-mstd0.5'`.
+    The timm training default is RandomResizedCrop(scale=(0.08, 1)), + hflip + ColorJitter(0.4),
+    which is harsh for 28x28 images.
+    """
+    import timm.data
+
+    keys = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+    args = {k: aug.pop(k) for k in keys if k in aug}
+    in_chans = aug.pop("in_chans", None) or getattr(model, "in_chans", None)
+    cfg = timm.data.resolve_data_config(args, model=model)
+    in_chans = in_chans or cfg["input_size"][0]
+    if img_size is None:
+        hw = cfg["input_size"][1:]
+    else:
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    cfg["input_size"] = (in_chans, *hw)
+    for key in ("mean", "std"):  # a pretrained cfg keeps 3-channel stats even for an in_chans=1 model
+        if len(cfg[key]) != in_chans:
+            cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * in_chans
+    return timm.data.create_transform(**cfg, is_training=is_training, **aug)
+
+
+def _to_pil(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, str):
+        return Image.open(value)
+    if isinstance(value, dict):  # undecoded datasets.Image value
+        return Image.open(value["path"]) if value.get("bytes") is None else Image.open(io.BytesIO(value["bytes"]))
+    arr = np.asarray(value)
+    return Image.fromarray(arr.astype(np.uint8) if arr.dtype != np.uint8 else arr)
+
+
+def convert_image(img, mode: str = "RGB") -> Image.Image:
+    """Convert any PIL image (L, LA, P, RGBA, CMYK, I;16, I, F, ...) or pixel array to `mode` ('RGB' or 'L')."""
+    img = _to_pil(img)
+    if img.mode == mode:
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        # PIL's convert clips 16/32-bit values at 255 (a mostly white image); rescale instead.
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or arr.max() > 255:
+            arr = arr / 257.0
+        elif img.mode == "F" and arr.max() <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # avoids PIL's warning for palette transparency given as bytes
+    return img.convert(mode)
+
+
+class _ImageTransform:
+    """A class, not a closure, so the transformed dataset pickles into DataLoader workers under spawn."""
+
+    def __init__(self, transform, image_column, label_column, mode):
+        self.transform, self.image_column, self.label_column, self.mode = transform, image_column, label_column, mode
+
+    def __call__(self, batch: dict) -> dict:
+        return {
+            "pixel_values": [self.transform(convert_image(im, self.mode)) for im in batch[self.image_column]],
+            "labels": [int(y) for y in batch[self.label_column]],
+        }
+
+
+def apply_transforms(dataset: datasets.Dataset, transform: Callable, image_column: str, label_column: str,
+                     in_chans: int = 3) -> datasets.Dataset:
+    """Lazily (`with_transform`) turn rows into `{"pixel_values": CxHxW tensor, "labels": int}`.
+
+    With the HF Trainer set `remove_unused_columns=False`, since the transform needs the raw columns.
+    """
+    if in_chans not in (1, 3):
+        raise MLTPConfigError(f"in_chans={in_chans!r} is not supported; expected 1 (grayscale) or 3 (RGB).")
+    for column, kind in ((image_column, "image"), (label_column, "label")):
+        if column not in dataset.column_names:
+            raise MLTPConfigError(f"Dataset has no {kind} column {column!r}; its columns are "
+                                  f"{dataset.column_names}. Pass one of these with --{kind}-column.")
+    mode = "RGB" if in_chans == 3 else "L"
+    return dataset.with_transform(_ImageTransform(transform, image_column, label_column, mode),
+                                  columns=[image_column, label_column])
+
+
+def collate_image_batch(examples: list) -> dict:
+    """Stack `apply_transforms` examples: a DataLoader `collate_fn` and an HF Trainer `data_collator`."""
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
+    }

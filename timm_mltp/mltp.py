@@ -1,0 +1,467 @@
+"""The MLTP objective and its gradient (SPEC.md), in one place.
+
+    L_i(w)    = loss(f(x_i; w), y_i)
+    w'        = w - alpha * P_S grad L_i(w)                   # inner step on the selected set S
+    L_MLTP(w) = (1 - gamma) * L_i(w) + gamma * L_j(w')
+
+`mltp_backward` accumulates grad L_MLTP into every trainable parameter's `.grad`,
+like `loss.backward()`. Four ways to get it, one function each:
+
+    none   S empty: (1-gamma) g_i + gamma g_j at w                 2 fwd + 2 bwd
+    first  `fo`: w' is a constant, (1-gamma) g_i + gamma g_j'      2 fwd + 2 bwd
+    exact  double backward through the inner gradient of S         2 fwd + 2 bwd + double bwd of S
+    fd     (1-gamma) g_i + gamma (g_j' - H_i v), v = alpha P_S g_j',
+           H_i v from gradients of L_i at w + r v (and w - r v)    3 (4) fwd + 3 (4) bwd
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import weakref
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from .errors import MLTPConfigError
+from .selection import select_parameters
+
+_logger = logging.getLogger("timm_mltp")
+
+SECOND_ORDER = ("auto", "exact", "fd")
+BN_UPDATE = ("both", "first")
+FD_SCHEMES = ("forward", "central")
+
+# Finite-difference step, relative to the weight norm of S: ||r v|| = fd_eps * ||w_S||. Measured
+# against exact double backward on smooth timm models (benchmarks/fd_error.py): in float32 the
+# forward difference is best near 1e-5 (rel. error ~3e-3), the central one near 1e-4 (~4e-4).
+_FD_EPS = {"forward": {torch.float64: 1e-7, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2},
+           "central": {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}}
+
+
+@dataclass
+class MLTPConfig:
+    """What MLTP does each step; see SPEC.md for every field."""
+
+    variant: str = "full"        # none | full | conv | fc | fo | head | glob patterns "layer4.*,fc.*"
+    gamma: float = 0.5           # weight of task j, in (0, 1]
+    second_order: str = "auto"   # auto | exact | fd
+    bn_update: str = "both"      # both passes update BatchNorm running statistics, or only the first
+    fd_scheme: str = "forward"   # fd: one-sided difference reusing g_i (1 extra pass) or central (2)
+    fd_eps: float | None = None  # fd: step size relative to ||w_S||; None picks by dtype
+
+    def __post_init__(self):
+        if not isinstance(self.variant, str) or not self.variant.strip():
+            raise MLTPConfigError(f"variant must be a non-empty string such as 'full' or 'layer4.*,fc.*', "
+                                  f"got {self.variant!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 < self.gamma <= 1:
+            raise MLTPConfigError(f"gamma must be a number in (0, 1] (the weight of task j), got {self.gamma!r}; "
+                                  f"0.5 weighs both tasks equally")
+        for field, value, allowed in (("second_order", self.second_order, SECOND_ORDER),
+                                      ("bn_update", self.bn_update, BN_UPDATE),
+                                      ("fd_scheme", self.fd_scheme, FD_SCHEMES)):
+            if value not in allowed:
+                raise MLTPConfigError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.fd_eps is not None and not (isinstance(self.fd_eps, (int, float)) and self.fd_eps > 0):
+            raise MLTPConfigError(f"fd_eps must be a positive number or None (chosen by dtype), got {self.fd_eps!r}")
+
+
+@dataclass
+class MLTPStats:
+    """What one call of `mltp_backward` measured (unscaled by any loss scale)."""
+
+    loss: float          # L_MLTP = (1-gamma) L_i(w) + gamma L_j(w')
+    loss_i: float        # L_i(w)
+    loss_j: float        # L_j(w'); at w for variant none
+    grad_cosine: float   # cos(P_S g_i(w), P_S g_j(w')); over all trainable parameters for variant none
+    alpha: float         # inner step size, mean over S weighted by parameter count
+    second_order: str    # none | first | exact | fd: how the gradient was obtained
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def keys(self):
+        return asdict(self).keys()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _ModelAt:
+    """The stand-in `loss_fn` gets for task j: the same module, evaluated with some parameters replaced."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
+        self._model, self._params = model, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._model, self._params, args, kwargs, strict=False)
+
+    forward = __call__
+
+    def __getattr__(self, name):  # config, device, dtype ... as the model has them
+        return getattr(self._model, name)
+
+
+@dataclass
+class _Plan:
+    """The per-model facts that do not change between steps."""
+
+    names: list[str]   # trainable parameters
+    params: list[nn.Parameter]
+    in_s: list[bool]   # which of them are in S
+
+
+# per model: the plan for each (variant, trainable names), and the second order `auto` settled on
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_auto_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module, variant: str) -> _Plan:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    key = (variant, tuple(n for n, _ in named))
+    cache = _plans.setdefault(model, {})
+    if key not in cache:
+        selected = set(select_parameters(model, variant))
+        cache[key] = _Plan([n for n, _ in named], [p for _, p in named], [n in selected for n, _ in named])
+    return cache[key]
+
+
+def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, alpha_scale: float = 1.0) -> dict[str, float]:
+    """SPEC's default inner step size: each parameter's current learning rate times `alpha_scale`.
+
+    Read it every step: it then follows warmup and decay. Adaptive optimizers (AdamW) take steps
+    far larger than lr * gradient, so they want a larger `alpha_scale` (10 to 100).
+    """
+    if not (isinstance(alpha_scale, (int, float)) and alpha_scale >= 0):
+        raise MLTPConfigError(f"alpha_scale must be a number >= 0, got {alpha_scale!r}")
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    return {n: float(lr_of[id(p)]) * alpha_scale for n, p in model.named_parameters() if id(p) in lr_of}
+
+
+def _alphas(alpha: float | Mapping[str, float], plan: _Plan) -> list[float]:
+    """One inner step size per tensor of S."""
+    s_names = [n for n, s in zip(plan.names, plan.in_s) if s]
+    if isinstance(alpha, Mapping):
+        missing = [n for n in s_names if n not in alpha]
+        if missing:
+            raise MLTPConfigError(f"alpha has no step size for {len(missing)} parameters of S, e.g. {missing[:3]}; "
+                                  f"give a float, or a mapping from every parameter name in S to a float "
+                                  f"(alpha_from_optimizer builds it from the optimizer's learning rates)")
+        values = [alpha[n] for n in s_names]
+    else:
+        values = [alpha] * len(s_names)
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
+            raise MLTPConfigError(f"alpha (the inner step size) must be a finite number >= 0, got {v!r}")
+    return [float(v) for v in values]
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(model: nn.Module, frozen: bool = True):
+    """Normalise with batch statistics as usual, but leave running statistics untouched."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats] if frozen else []
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def _rng_devices(params: list[torch.Tensor]) -> list[int]:
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+def _rng_state(devices: list[int]):
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state, devices: list[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+@contextlib.contextmanager
+def _replayed_rng(state, devices: list[int]):
+    """Run with the random state of an earlier pass (same dropout masks), then continue as before."""
+    with torch.random.fork_rng(devices=devices):
+        _set_rng_state(state, devices)
+        yield
+
+
+def _call_loss(loss_fn, module, batch, which: str) -> torch.Tensor:
+    loss = loss_fn(module, batch)
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise MLTPConfigError(f"loss_fn(module, {which}) must return a scalar tensor that depends on the model's "
+                              f"parameters, got {got}" + (" without grad (called under torch.no_grad?)"
+                                                          if isinstance(loss, torch.Tensor) and loss.dim() == 0 else ""))
+    return loss
+
+
+def _grad(loss, inputs, scale, create_graph=False):
+    return list(torch.autograd.grad(loss * scale, inputs, allow_unused=True, create_graph=create_graph))
+
+
+def _zeros_for_none(grads, like):
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+
+
+def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+
+
+def _norm(a: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
+
+
+def _cosine(a, b) -> torch.Tensor:
+    a, b = [x.detach() for x in a], [x.detach() for x in b]
+    return _dot(a, b) / (_norm(a) * _norm(b)).clamp_min(1e-30)
+
+
+# ---- the four gradients. Each returns (grads of all trainable params, L_i, L_j, cosine); grads are
+# ---- multiplied by `scale` (a loss scale), the inner step always uses unscaled gradients.
+
+def _none(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
+    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
+    g_i = _grad(loss_i, plan.params, scale)
+    with _frozen_running_stats(model, bn_first):
+        loss_j = _call_loss(loss_fn, model, task_j, "task_j")
+    g_j = _grad(loss_j, plan.params, scale)
+    g_i, g_j = _zeros_for_none(g_i, plan.params), _zeros_for_none(g_j, plan.params)
+    cosine = _cosine(g_i, g_j)
+    torch._foreach_mul_(g_i, 1 - cfg.gamma)
+    torch._foreach_add_(g_i, g_j, alpha=cfg.gamma)                    # (1-gamma) g_i + gamma g_j
+    return g_i, loss_i, loss_j, cosine
+
+
+def _first_order(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
+    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
+    g_i = _zeros_for_none(_grad(loss_i, plan.params, scale), plan.params)
+    with torch.no_grad():                                             # w' = w - alpha g_i, a constant
+        w_prime = [(p - (a / scale) * g).requires_grad_() for p, a, g in zip(plan.params, alphas, g_i)]
+    with _frozen_running_stats(model, bn_first):
+        loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(plan.names, w_prime))), task_j, "task_j")
+    g_j = _zeros_for_none(_grad(loss_j, w_prime, scale), plan.params)  # g_j' = grad L_j(w')
+    cosine = _cosine(g_i, g_j)
+    torch._foreach_mul_(g_i, 1 - cfg.gamma)
+    torch._foreach_add_(g_i, g_j, alpha=cfg.gamma)                    # (1-gamma) g_i + gamma g_j'
+    return g_i, loss_i, loss_j, cosine
+
+
+def _exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
+    s_params = [p for p, s in zip(plan.params, plan.in_s) if s]
+    s_names = [n for n, s in zip(plan.names, plan.in_s) if s]
+    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
+    # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
+    g_s = _zeros_for_none(_grad(loss_i, s_params, scale, create_graph=True), s_params)
+    w_prime = [p - (a / scale) * g for p, a, g in zip(s_params, alphas, g_s)]  # w' = w - alpha P_S g_i
+    with _frozen_running_stats(model, bn_first):
+        loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, w_prime))), task_j, "task_j")
+    # one backward through both tasks and the inner gradient; asking for w' too yields P_S g_j'
+    grads = _grad((1 - cfg.gamma) * loss_i + cfg.gamma * loss_j, plan.params + w_prime, scale)
+    n = len(plan.params)
+    g_j_s = [g / cfg.gamma if g is not None else torch.zeros_like(w) for g, w in zip(grads[n:], w_prime)]
+    return _zeros_for_none(grads[:n], plan.params), loss_i, loss_j, _cosine(g_s, g_j_s)
+
+
+def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
+    devices = _rng_devices(plan.params)
+    rng_i = _rng_state(devices)                                       # to replay task i's dropout masks
+    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
+    g_i = _zeros_for_none(_grad(loss_i, plan.params, scale), plan.params)
+    s_idx = [k for k, s in enumerate(plan.in_s) if s]
+    with torch.no_grad():
+        w_prime = [(plan.params[k] - (a / scale) * g_i[k]).requires_grad_() for k, a in zip(s_idx, alphas)]
+    at_w_prime = list(plan.params)
+    for k, w in zip(s_idx, w_prime):
+        at_w_prime[k] = w
+    with _frozen_running_stats(model, bn_first):
+        loss_j = _call_loss(loss_fn, _ModelAt(model, {plan.names[k]: w for k, w in zip(s_idx, w_prime)}),
+                            task_j, "task_j")
+    g_j = _zeros_for_none(_grad(loss_j, at_w_prime, scale), plan.params)  # g_j' = grad L_j(w'), all params
+    g_j_s = [g_j[k] for k in s_idx]
+
+    with torch.no_grad():
+        v = [(a / scale) * g for a, g in zip(alphas, g_j_s)]          # v = alpha P_S g_j' (unscaled)
+        w_s = [plan.params[k] for k in s_idx]
+        eps = cfg.fd_eps or _FD_EPS[cfg.fd_scheme].get(w_s[0].dtype, _FD_EPS[cfg.fd_scheme][torch.float32])
+        r = eps * _norm(w_s) / _norm(v).clamp_min(1e-30)              # ||r v|| = eps ||w_S||
+
+    def g_i_at(sign: float) -> list[torch.Tensor]:
+        """grad L_i at w + sign * r v: task i's pass replayed, running statistics untouched."""
+        with torch.no_grad():
+            shifted = [(w + sign * r * d).requires_grad_() for w, d in zip(w_s, v)]
+        inputs = list(plan.params)
+        for k, w in zip(s_idx, shifted):
+            inputs[k] = w
+        with _replayed_rng(rng_i, devices), _frozen_running_stats(model):
+            loss = _call_loss(loss_fn, _ModelAt(model, {plan.names[k]: w for k, w in zip(s_idx, shifted)}),
+                              task_i, "task_i")
+        return _zeros_for_none(_grad(loss, inputs, scale), plan.params)
+
+    g_plus = g_i_at(+1.0)
+    g_minus = g_i_at(-1.0) if cfg.fd_scheme == "central" else g_i
+    width = 2 * r if cfg.fd_scheme == "central" else r
+    hv = torch._foreach_sub(g_plus, g_minus)
+    torch._foreach_div_(hv, width)                                    # H_i v, scaled like the gradients
+    cosine = _cosine([g_i[k] for k in s_idx], g_j_s)
+    torch._foreach_sub_(g_j, hv)                                      # g_j' - H_i v = grad of L_j(w') w.r.t. w
+    torch._foreach_mul_(g_i, 1 - cfg.gamma)
+    torch._foreach_add_(g_i, g_j, alpha=cfg.gamma)
+    return g_i, loss_i, loss_j, cosine
+
+
+def _second_order_for(model, plan, cfg) -> str:
+    if cfg.variant == "none" or not any(plan.in_s):
+        return "none"
+    if cfg.variant == "fo":
+        return "first"
+    if cfg.second_order == "auto":
+        return _auto_choice.get(model, "auto")
+    return cfg.second_order
+
+
+_METHODS = {"none": _none, "first": _first_order, "exact": _exact, "fd": _finite_difference}
+
+
+def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any], torch.Tensor],
+                  cfg: MLTPConfig, alpha: float | Mapping[str, float], loss_scale: float | torch.Tensor = 1.0) -> MLTPStats:
+    """Accumulate grad L_MLTP into `.grad` of every trainable parameter of `model` and return the step's stats.
+
+    loss_fn(module, batch) -> scalar loss. It is called with `model` for task i and, for task j, with a
+    stand-in that evaluates the same module at w'. `alpha` is a float or {parameter name: float}
+    (see `alpha_from_optimizer`). `loss_scale` multiplies the accumulated gradients as
+    `scaler.scale(loss).backward()` would (fp16); the inner step always uses the unscaled gradient.
+    """
+    if not isinstance(cfg, MLTPConfig):
+        raise MLTPConfigError(f"cfg must be an MLTPConfig, got {type(cfg).__name__}")
+    plan = _plan(model, cfg.variant)
+    alphas = _alphas(alpha, plan)
+    bn_first = cfg.bn_update == "first"
+    method = _second_order_for(model, plan, cfg)
+    with torch.enable_grad():
+        if method == "auto":
+            grads, loss_i, loss_j, cosine, method = _probe_exact(model, plan, task_i, task_j, loss_fn, cfg,
+                                                                 alphas, loss_scale, bn_first)
+        else:
+            try:
+                grads, loss_i, loss_j, cosine = _METHODS[method](model, plan, task_i, task_j, loss_fn, cfg,
+                                                                 alphas, loss_scale, bn_first)
+            except (RuntimeError, NotImplementedError) as e:
+                if method == "exact" and _is_double_backward_error(e):
+                    raise MLTPConfigError(f"second_order='exact' needs double backward, which {type(model).__name__} "
+                                          f"does not support ({_first_line(e)}). Use second_order='fd' or 'auto'.") from e
+                raise
+    for p, g in zip(plan.params, grads):
+        if p.grad is None:
+            p.grad = g.detach()
+        else:
+            p.grad.add_(g)
+    loss = (1 - cfg.gamma) * loss_i.detach() + cfg.gamma * loss_j.detach()
+    s_numel = [p.numel() for p, s in zip(plan.params, plan.in_s) if s]
+    mean_alpha = sum(a * n for a, n in zip(alphas, s_numel)) / sum(s_numel) if s_numel else 0.0
+    values = torch.stack([loss.double(), loss_i.detach().double(), loss_j.detach().double(),
+                          cosine.double().to(loss.device)]).tolist()  # one device sync per step
+    return MLTPStats(*values, alpha=mean_alpha, second_order=method)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _is_double_backward_error(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, NotImplementedError) or any(k in text for k in (
+        "derivative for", "not implemented", "double backward", "does not support", "not supported",
+        "does not require grad", "backward through the graph a second time", "_backward"))
+
+
+def _probe_exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
+    """`auto`, first call for this model: try double backward; where it fails, settle on fd for good."""
+    devices = _rng_devices(plan.params)
+    rng, buffers = _rng_state(devices), {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        result = _exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first)
+        _auto_choice[model] = "exact"
+        _logger.info("MLTP second order for %s: exact (double backward)", type(model).__name__)
+        return (*result, "exact")
+    except (RuntimeError, NotImplementedError) as e:
+        if not _is_double_backward_error(e):
+            raise
+        _logger.warning("MLTP second order for %s: fd (finite differences), since double backward fails: %s",
+                        type(model).__name__, _first_line(e))
+    # undo the failed attempt's side effects (running statistics, random state) so the step is a plain fd
+    # step; nothing reached .grad, since gradients go through autograd.grad and are accumulated at the end
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            b.copy_(buffers[n])
+    _set_rng_state(rng, devices)
+    _auto_choice[model] = "fd"
+    return (*_finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first), "fd")
+
+
+def second_order_in_use(model: nn.Module, cfg: MLTPConfig) -> str:
+    """What `auto` settled on for this model (after its first step), else what cfg asks for."""
+    return _second_order_for(model, _plan(model, cfg.variant), cfg)
+
+
+def split_tasks(batch):
+    """Split one loader batch of 2B samples into task i (first half) and task j (second half).
+
+    Works on tensors and on tuples, lists and dicts of them (BatchEncoding included); other
+    values (strings, None) are passed to both tasks unchanged.
+    """
+    sizes = set()
+
+    def collect(x):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            sizes.add(x.shape[0])
+        elif isinstance(x, Mapping):
+            for v in x.values():
+                collect(v)
+        elif isinstance(x, (tuple, list)):
+            for v in x:
+                collect(v)
+
+    collect(batch)
+    if len(sizes) != 1:
+        raise MLTPConfigError(f"cannot split the batch into two tasks: its tensors have "
+                              f"{'no batch dimension' if not sizes else f'different batch sizes {sorted(sizes)}'}")
+    size = sizes.pop()
+    if size < 2 or size % 2:
+        raise MLTPConfigError(f"cannot split a batch of {size} samples into two equal tasks: MLTP needs an even "
+                              f"batch of 2B samples (B per task); set the loader's batch size to twice the task size "
+                              f"and drop_last=True")
+    half = size // 2
+
+    def take(x, sl):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return x[sl]
+        if isinstance(x, Mapping):
+            return _same_mapping_type(x, {k: take(v, sl) for k, v in x.items()})
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)(*(take(v, sl) for v in x))
+        if isinstance(x, (tuple, list)):
+            return type(x)(take(v, sl) for v in x)
+        return x
+
+    return take(batch, slice(0, half)), take(batch, slice(half, size))
+
+
+def _same_mapping_type(original: Mapping, items: dict) -> Mapping:
+    """A dict subclass such as transformers' BatchEncoding stays one where its constructor takes a dict."""
+    if type(original) is dict:
+        return items
+    try:
+        return type(original)(items)
+    except TypeError:
+        return items
