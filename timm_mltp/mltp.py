@@ -207,24 +207,35 @@ def _call_loss(loss_fn, module, batch, which: str) -> torch.Tensor:
 
 
 def _grad(loss, inputs, scale, create_graph=False):
-    return list(torch.autograd.grad(loss * scale, inputs, allow_unused=True, create_graph=create_graph))
-
-
-def _zeros_for_none(grads, like):
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
+    if not (isinstance(scale, float) and scale == 1.0):
+        loss = loss * scale
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
 
 
-def _norm(a: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(a)))
+def _norms(a: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(torch._foreach_norm(a))
 
 
 def _cosine(a, b) -> torch.Tensor:
     a, b = [x.detach() for x in a], [x.detach() for x in b]
-    return _dot(a, b) / (_norm(a) * _norm(b)).clamp_min(1e-30)
+    return _dot(a, b) / (_norms(a).norm() * _norms(b).norm()).clamp_min(1e-30)
+
+
+def _inner_step(params, grads, alphas, scale):
+    """w' = w - alpha * grad, one fused kernel per tensor; the gradient is unscaled here."""
+    return [torch.add(p, g, alpha=-a / scale) for p, g, a in zip(params, grads, alphas)]
+
+
+def _replace(params: list, positions: list[int], values: list) -> list:
+    out = list(params)
+    for k, v in zip(positions, values):
+        out[k] = v
+    return out
 
 
 # ---- the four gradients. Each returns (grads of all trainable params, L_i, L_j, cosine); grads are
@@ -236,24 +247,21 @@ def _none(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
     with _frozen_running_stats(model, bn_first):
         loss_j = _call_loss(loss_fn, model, task_j, "task_j")
     g_j = _grad(loss_j, plan.params, scale)
-    g_i, g_j = _zeros_for_none(g_i, plan.params), _zeros_for_none(g_j, plan.params)
     cosine = _cosine(g_i, g_j)
-    torch._foreach_mul_(g_i, 1 - cfg.gamma)
-    torch._foreach_add_(g_i, g_j, alpha=cfg.gamma)                    # (1-gamma) g_i + gamma g_j
+    torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma g_j
     return g_i, loss_i, loss_j, cosine
 
 
 def _first_order(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
     loss_i = _call_loss(loss_fn, model, task_i, "task_i")
-    g_i = _zeros_for_none(_grad(loss_i, plan.params, scale), plan.params)
-    with torch.no_grad():                                             # w' = w - alpha g_i, a constant
-        w_prime = [(p - (a / scale) * g).requires_grad_() for p, a, g in zip(plan.params, alphas, g_i)]
+    g_i = _grad(loss_i, plan.params, scale)
+    with torch.no_grad():                                            # w' = w - alpha g_i, a constant
+        w_prime = [w.requires_grad_() for w in _inner_step(plan.params, g_i, alphas, scale)]
     with _frozen_running_stats(model, bn_first):
         loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(plan.names, w_prime))), task_j, "task_j")
-    g_j = _zeros_for_none(_grad(loss_j, w_prime, scale), plan.params)  # g_j' = grad L_j(w')
+    g_j = _grad(loss_j, w_prime, scale)                              # g_j' = grad L_j(w')
     cosine = _cosine(g_i, g_j)
-    torch._foreach_mul_(g_i, 1 - cfg.gamma)
-    torch._foreach_add_(g_i, g_j, alpha=cfg.gamma)                    # (1-gamma) g_i + gamma g_j'
+    torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma g_j'
     return g_i, loss_i, loss_j, cosine
 
 
@@ -262,61 +270,53 @@ def _exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
     s_names = [n for n, s in zip(plan.names, plan.in_s) if s]
     loss_i = _call_loss(loss_fn, model, task_i, "task_i")
     # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
-    g_s = _zeros_for_none(_grad(loss_i, s_params, scale, create_graph=True), s_params)
-    w_prime = [p - (a / scale) * g for p, a, g in zip(s_params, alphas, g_s)]  # w' = w - alpha P_S g_i
+    g_s = _grad(loss_i, s_params, scale, create_graph=True)
+    w_prime = _inner_step(s_params, g_s, alphas, scale)             # w' = w - alpha P_S g_i
     with _frozen_running_stats(model, bn_first):
         loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, w_prime))), task_j, "task_j")
-    # one backward through both tasks and the inner gradient; asking for w' too yields P_S g_j'
-    grads = _grad((1 - cfg.gamma) * loss_i + cfg.gamma * loss_j, plan.params + w_prime, scale)
+    # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
+    grads = _grad(torch.lerp(loss_i, loss_j, cfg.gamma), plan.params + w_prime, scale)
     n = len(plan.params)
-    g_j_s = [g / cfg.gamma if g is not None else torch.zeros_like(w) for g, w in zip(grads[n:], w_prime)]
-    return _zeros_for_none(grads[:n], plan.params), loss_i, loss_j, _cosine(g_s, g_j_s)
+    return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:])
 
 
 def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
     devices = _rng_devices(plan.params)
-    rng_i = _rng_state(devices)                                       # to replay task i's dropout masks
+    rng_i = _rng_state(devices)                                      # to replay task i's dropout masks
     loss_i = _call_loss(loss_fn, model, task_i, "task_i")
-    g_i = _zeros_for_none(_grad(loss_i, plan.params, scale), plan.params)
+    g_i = _grad(loss_i, plan.params, scale)
     s_idx = [k for k, s in enumerate(plan.in_s) if s]
+    s_names = [plan.names[k] for k in s_idx]
+    w_s = [plan.params[k] for k in s_idx]
     with torch.no_grad():
-        w_prime = [(plan.params[k] - (a / scale) * g_i[k]).requires_grad_() for k, a in zip(s_idx, alphas)]
-    at_w_prime = list(plan.params)
-    for k, w in zip(s_idx, w_prime):
-        at_w_prime[k] = w
+        w_prime = [w.requires_grad_() for w in _inner_step(w_s, [g_i[k] for k in s_idx], alphas, scale)]
     with _frozen_running_stats(model, bn_first):
-        loss_j = _call_loss(loss_fn, _ModelAt(model, {plan.names[k]: w for k, w in zip(s_idx, w_prime)}),
-                            task_j, "task_j")
-    g_j = _zeros_for_none(_grad(loss_j, at_w_prime, scale), plan.params)  # g_j' = grad L_j(w'), all params
+        loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, w_prime))), task_j, "task_j")
+    g_j = _grad(loss_j, _replace(plan.params, s_idx, w_prime), scale)  # g_j' = grad L_j(w'), all params
     g_j_s = [g_j[k] for k in s_idx]
 
     with torch.no_grad():
-        v = [(a / scale) * g for a, g in zip(alphas, g_j_s)]          # v = alpha P_S g_j' (unscaled)
-        w_s = [plan.params[k] for k in s_idx]
+        # v = alpha P_S g_j' (unscaled), never formed; r so that ||r v|| = fd_eps ||w_S||
         eps = cfg.fd_eps or _FD_EPS[cfg.fd_scheme].get(w_s[0].dtype, _FD_EPS[cfg.fd_scheme][torch.float32])
-        r = eps * _norm(w_s) / _norm(v).clamp_min(1e-30)              # ||r v|| = eps ||w_S||
+        g_j_norms = _norms(g_j_s)
+        v_norm = (g_j_norms * torch.tensor([a / scale for a in alphas], device=g_j_norms.device)).norm()
+        r = float(eps * _norms(w_s).norm() / v_norm.clamp_min(1e-30))  # one sync; fused adds below
 
     def g_i_at(sign: float) -> list[torch.Tensor]:
-        """grad L_i at w + sign * r v: task i's pass replayed, running statistics untouched."""
+        """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
         with torch.no_grad():
-            shifted = [(w + sign * r * d).requires_grad_() for w, d in zip(w_s, v)]
-        inputs = list(plan.params)
-        for k, w in zip(s_idx, shifted):
-            inputs[k] = w
+            shifted = [torch.add(w, g, alpha=sign * r * a / scale).requires_grad_() for w, g, a in zip(w_s, g_j_s, alphas)]
         with _replayed_rng(rng_i, devices), _frozen_running_stats(model):
-            loss = _call_loss(loss_fn, _ModelAt(model, {plan.names[k]: w for k, w in zip(s_idx, shifted)}),
-                              task_i, "task_i")
-        return _zeros_for_none(_grad(loss, inputs, scale), plan.params)
+            loss = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, shifted))), task_i, "task_i")
+        return _grad(loss, _replace(plan.params, s_idx, shifted), scale)
 
+    g_i_s = [g_i[k].detach() for k in s_idx]
+    cosine = _dot(g_i_s, g_j_s) / (_norms(g_i_s).norm() * g_j_norms.norm()).clamp_min(1e-30)
     g_plus = g_i_at(+1.0)
     g_minus = g_i_at(-1.0) if cfg.fd_scheme == "central" else g_i
-    width = 2 * r if cfg.fd_scheme == "central" else r
-    hv = torch._foreach_sub(g_plus, g_minus)
-    torch._foreach_div_(hv, width)                                    # H_i v, scaled like the gradients
-    cosine = _cosine([g_i[k] for k in s_idx], g_j_s)
-    torch._foreach_sub_(g_j, hv)                                      # g_j' - H_i v = grad of L_j(w') w.r.t. w
-    torch._foreach_mul_(g_i, 1 - cfg.gamma)
-    torch._foreach_add_(g_i, g_j, alpha=cfg.gamma)
+    torch._foreach_sub_(g_plus, g_minus)                             # r H_i v (2 r H_i v if central)
+    torch._foreach_add_(g_j, g_plus, alpha=-1 / (2 * r if cfg.fd_scheme == "central" else r))  # g_j' - H_i v
+    torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma (g_j' - H_i v)
     return g_i, loss_i, loss_j, cosine
 
 

@@ -1,0 +1,101 @@
+"""Cost of one MLTP step per training sample, relative to standard training.
+
+Standard training: one forward/backward on a batch of B. MLTP: `mltp_backward` on two batches of B
+(task i and task j). Ratio = (t_mltp / 2B) / (t_standard / B). All rows of a model are timed
+interleaved in one process, so machine noise hits them alike; medians over repeats. Peak memory is
+measured where it can be (CUDA).
+
+    python benchmarks/step_cost.py                      # resnet18 and test_resnet, 32x32, B=32
+    python benchmarks/step_cost.py --models resnet50 --img-size 224 --batch-size 64 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+import torch.nn.functional as F
+
+from timm_mltp import MLTPConfig, mltp_backward
+
+ROWS = [  # (label, config); None is standard training
+    ("standard", None),
+    ("none", MLTPConfig("none")),
+    ("fo", MLTPConfig("fo")),
+    ("fc, auto", MLTPConfig("fc")),
+    ("conv, auto", MLTPConfig("conv")),
+    ("full, fd", MLTPConfig("full", second_order="fd")),
+    ("full, fd central", MLTPConfig("full", second_order="fd", fd_scheme="central")),
+    ("full, exact", MLTPConfig("full", second_order="exact")),
+]
+
+
+def ce(module, batch):
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step(model, cfg, task_i, task_j, device):
+    """One timed step; returns (seconds, peak bytes or None)."""
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    if cfg is None:
+        ce(model, task_i).backward()
+    else:
+        mltp_backward(model, task_i, task_j, ce, cfg, alpha=0.01)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def measure(name, args, device):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).to(device).train()
+    b, s = args.batch_size, args.img_size
+    task_i = (torch.randn(b, 3, s, s, device=device), torch.randint(0, 10, (b,), device=device))
+    task_j = (torch.randn(b, 3, s, s, device=device), torch.randint(0, 10, (b,), device=device))
+    times = {label: [] for label, _ in ROWS}
+    peaks = {label: 0 for label, _ in ROWS}
+    for rep in range(args.warmup + args.repeats):
+        for label, cfg in ROWS:
+            seconds, peak = step(model, cfg, task_i, task_j, device)
+            if rep >= args.warmup:
+                times[label].append(seconds)
+                peaks[label] = max(peaks[label], peak or 0)
+    base = statistics.median(times["standard"]) / b
+    print(f"\n{name}, {s}x{s}, B={b}, {device.type}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats}; standard: {1e3 * base * b:.1f} ms per step of B")
+    print("| variant | per-sample cost vs standard | ms per MLTP step (2B) |" + (" peak MiB |" if device.type == "cuda" else ""))
+    print("| --- | --- | --- |" + (" --- |" if device.type == "cuda" else ""))
+    for label, cfg in ROWS:
+        per_sample = statistics.median(times[label]) / (b if cfg is None else 2 * b)
+        row = f"| {label} | {per_sample / base:.2f}x | {1e3 * statistics.median(times[label]):.1f} |"
+        if device.type == "cuda":
+            row += f" {peaks[label] / 2**20:.0f} |"
+        print(row)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,test_resnet")
+    parser.add_argument("--img-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="B, the size of one task")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    for name in args.models.split(","):
+        measure(name.strip(), args, torch.device(args.device))
+
+
+if __name__ == "__main__":
+    main()
