@@ -37,7 +37,8 @@ def parse_args(argv=None) -> TrainArgs:
     g.add_argument("--max-train-samples", type=int, default=None)
     g.add_argument("--scale", type=float, nargs=2, default=D.scale, help="random-resized-crop area range")
     g.add_argument("--hflip", type=float, default=D.hflip)
-    g.add_argument("-j", "--workers", type=int, default=D.workers)
+    g.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: 4 with a "
+                                                                   "GPU, 0 on the CPU)")
     g = p.add_argument_group("optimisation")
     g.add_argument("-b", "--batch-size", type=int, default=D.batch_size, help="size of one task (default: %(default)s)")
     g.add_argument("--epochs", type=int, default=D.epochs)

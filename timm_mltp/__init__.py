@@ -7,5 +7,14 @@ from .selection import VARIANTS, select_parameters, summarize_selection
 
 __version__ = "0.1.0"
 
-__all__ = ["MLTPConfig", "MLTPConfigError", "MLTPStats", "VARIANTS", "alpha_from_optimizer", "average_gradients", "mltp_backward",
-           "second_order_in_use", "select_parameters", "split_tasks", "summarize_selection"]
+__all__ = ["MLTPConfig", "MLTPConfigError", "MLTPStats", "MLTPTrainer", "MLTPTrainingArguments", "VARIANTS",
+           "alpha_from_optimizer", "average_gradients", "mltp_backward", "second_order_in_use", "select_parameters",
+           "split_tasks", "summarize_selection"]
+
+
+def __getattr__(name):
+    # MLTPTrainer imports transformers.Trainer (seconds); load it on first use only
+    if name in ("MLTPTrainer", "MLTPTrainingArguments"):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,3 +34,11 @@ def average_gradients(params) -> None:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Every process continues with process 0's buffers (BatchNorm statistics): what DDP's forward does,
+    which MLTP bypasses."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)

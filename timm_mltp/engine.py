@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import DEFAULT_DATASET, apply_transforms, collate_image_batch, create_transforms, load_image_dataset
-from .distributed import average_gradients
+from .distributed import average_gradients, broadcast_buffers
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig, alpha_from_optimizer, mltp_backward, second_order_in_use, split_tasks
 from .selection import select_parameters, summarize_selection
@@ -83,7 +83,8 @@ class TrainArgs:
     bn_update: str = "both"
     # run
     seed: int = 42
-    workers: int = 2
+    workers: int | None = None            # None: 4 with a GPU; 0 on the CPU, where loader processes would
+                                          # compete with the math's threads for the same cores
     log_interval: int = 50
     output: str = "output/train"
     experiment: str | None = None
@@ -252,6 +253,8 @@ class Trainer:
         model, self.weights_note = build_model(args, num_classes)
         self.selection = select_parameters(model, args.variant)  # bad variants fail here, before data work
         self.selection_note = summarize_selection(model, self.selection)
+        if args.workers is None:
+            args.workers = 4 if acc.device.type == "cuda" else 0
         train_loader, eval_loader, self.shuffle_generator = build_loaders(args, model, data, acc.num_processes)
         self.train_set = train_loader.dataset
 
@@ -335,6 +338,7 @@ class Trainer:
             self._reported = True
             self.print(f"second order in use: {stats.second_order}")
         average_gradients(params)
+        broadcast_buffers(self.module)
         finite = torch.tensor([math.isfinite(stats.loss)], dtype=torch.float32, device=acc.device)
         if acc.reduce(finite, "min").item() < 1:       # every process skips together
             self.optimizer.zero_grad(set_to_none=True)

@@ -295,9 +295,16 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
     g_j = _grad(loss_j, _replace(plan.params, s_idx, w_prime), scale)  # g_j' = grad L_j(w'), all params
     g_j_s = [g_j[k] for k in s_idx]
 
+    # Under bf16/fp16 autocast a difference of two low-precision gradients is mostly rounding noise
+    # (measured: 0.3 to 1.0 relative error at any step size, benchmarks/fd_error.py); there the
+    # Hessian-vector product is taken as a central difference of two float32 passes instead.
+    device = w_s[0].device.type
+    low_precision = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16,
+                                                                                            torch.bfloat16)
+    scheme = "central" if low_precision else cfg.fd_scheme
     with torch.no_grad():
         # v = alpha P_S g_j' (unscaled), never formed; r so that ||r v|| = fd_eps ||w_S||
-        eps = cfg.fd_eps or _FD_EPS[cfg.fd_scheme].get(w_s[0].dtype, _FD_EPS[cfg.fd_scheme][torch.float32])
+        eps = cfg.fd_eps or _FD_EPS[scheme].get(w_s[0].dtype, _FD_EPS[scheme][torch.float32])
         g_j_norms = _norms(g_j_s)
         v_norm = (g_j_norms * torch.tensor([a / scale for a in alphas], device=g_j_norms.device)).norm()
         r = float(eps * _norms(w_s).norm() / v_norm.clamp_min(1e-30))  # one sync; fused adds below
@@ -306,16 +313,17 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
         """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
         with torch.no_grad():
             shifted = [torch.add(w, g, alpha=sign * r * a / scale).requires_grad_() for w, g, a in zip(w_s, g_j_s, alphas)]
-        with _replayed_rng(rng_i, devices), _frozen_running_stats(model):
+        full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
+        with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision:
             loss = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, shifted))), task_i, "task_i")
         return _grad(loss, _replace(plan.params, s_idx, shifted), scale)
 
     g_i_s = [g_i[k].detach() for k in s_idx]
     cosine = _dot(g_i_s, g_j_s) / (_norms(g_i_s).norm() * g_j_norms.norm()).clamp_min(1e-30)
     g_plus = g_i_at(+1.0)
-    g_minus = g_i_at(-1.0) if cfg.fd_scheme == "central" else g_i
+    g_minus = g_i_at(-1.0) if scheme == "central" else g_i
     torch._foreach_sub_(g_plus, g_minus)                             # r H_i v (2 r H_i v if central)
-    torch._foreach_add_(g_j, g_plus, alpha=-1 / (2 * r if cfg.fd_scheme == "central" else r))  # g_j' - H_i v
+    torch._foreach_add_(g_j, g_plus, alpha=-1 / (2 * r if scheme == "central" else r))  # g_j' - H_i v
     torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma (g_j' - H_i v)
     return g_i, loss_i, loss_j, cosine
 
