@@ -195,3 +195,11 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
     with pytest.raises(MLTPConfigError, match="3 non-finite losses in a row"):
         trainer.fit()
     assert trainer.num_updates == 2                      # the skipped steps changed nothing
+
+
+def test_bf16_mixed_precision_run_with_fd(tmp_path):
+    result = run(QUICK + ["--max-train-samples", "128", "--mixed-precision", "bf16", "--second-order", "fd",
+                          "--experiment", "bf16"], tmp_path)
+    assert "mixed precision bf16" in result.stdout and "second order in use: fd" in result.stdout
+    rows = list(csv.DictReader(open(tmp_path / "bf16" / "summary.csv")))
+    assert np.isfinite(float(rows[0]["train_loss"])) and float(rows[0]["eval_top1"]) > 10

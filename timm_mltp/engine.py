@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import DEFAULT_DATASET, apply_transforms, collate_image_batch, create_transforms, load_image_dataset
+from .accelerate_utils import mltp_autocast
 from .distributed import average_gradients, broadcast_buffers
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig, alpha_from_optimizer, mltp_backward, second_order_in_use, split_tasks
@@ -332,7 +333,7 @@ class Trainer:
         task_i, task_j = split_tasks((batch["pixel_values"], batch["labels"]))
         scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
         self.optimizer.zero_grad(set_to_none=True)
-        with acc.autocast():
+        with mltp_autocast(acc, self.module):
             stats = mltp_backward(self.module, task_i, task_j, self.loss_fn, self.mltp, self.alpha(), loss_scale=scale)
         if self.num_updates == 0 and not getattr(self, "_reported", False):
             self._reported = True

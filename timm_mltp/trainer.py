@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
+from .accelerate_utils import mltp_autocast
 from .distributed import average_gradients, broadcast_buffers
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig, alpha_from_optimizer, mltp_backward, split_tasks
@@ -167,7 +168,7 @@ class MLTPTrainer(Trainer):
         scaler = self.accelerator.scaler
         loss_scale = (scaler.scale(torch.ones((), device=self.args.device)) if scaler is not None else 1.0) / steps
         # self.model, not the DDP-wrapped `model`: no forward through DDP, no reducer, no gradient hooks
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), mltp_autocast(self.accelerator, self.model):
             stats = mltp_backward(self.model, task_i, task_j, self._task_loss, self._mltp_config, self._alpha(),
                                   loss_scale=loss_scale)
         values = [stats[name] for name in _LOGGED]
