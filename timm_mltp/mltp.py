@@ -113,6 +113,14 @@ class _Plan:
     names: list[str]   # trainable parameters
     params: list[nn.Parameter]
     in_s: list[bool]   # which of them are in S
+    scratch: list[torch.Tensor] | None = None  # fo/fd: storage for w' and w + r v, reused every step
+
+    def leaves_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Leaf tensors shaped like `params` for w' (fo, fd) or w +- r v (fd). Kept between steps: a fresh
+        parameter-sized allocation costs more than the arithmetic written into it (page faults)."""
+        if self.scratch is None or [t.shape for t in self.scratch] != [p.shape for p in params]:
+            self.scratch = [torch.empty_like(p, requires_grad=True) for p in params]
+        return self.scratch
 
 
 # per model: the plan for each (variant, trainable names), and the second order `auto` settled on
@@ -226,9 +234,14 @@ def _cosine(a, b) -> torch.Tensor:
     return _dot(a, b) / (_norms(a).norm() * _norms(b).norm()).clamp_min(1e-30)
 
 
-def _inner_step(params, grads, alphas, scale):
-    """w' = w - alpha * grad, one fused kernel per tensor; the gradient is unscaled here."""
-    return [torch.add(p, g, alpha=-a / scale) for p, g, a in zip(params, grads, alphas)]
+def _inner_step(params, grads, alphas, scale, out=None):
+    """w' = w - alpha * grad, one fused kernel per tensor, into `out` where given; the gradient is unscaled."""
+    if out is None:
+        return [torch.add(p, g, alpha=-a / scale) for p, g, a in zip(params, grads, alphas)]
+    with torch.no_grad():
+        for p, g, a, o in zip(params, grads, alphas, out):
+            torch.add(p, g, alpha=-a / scale, out=o)
+    return out
 
 
 def _replace(params: list, positions: list[int], values: list) -> list:
@@ -256,7 +269,7 @@ def _first_order(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_fi
     loss_i = _call_loss(loss_fn, model, task_i, "task_i")
     g_i = _grad(loss_i, plan.params, scale)
     with torch.no_grad():                                            # w' = w - alpha g_i, a constant
-        w_prime = [w.requires_grad_() for w in _inner_step(plan.params, g_i, alphas, scale)]
+        w_prime = _inner_step(plan.params, g_i, alphas, scale, out=plan.leaves_like(plan.params))
     with _frozen_running_stats(model, bn_first):
         loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(plan.names, w_prime))), task_j, "task_j")
     g_j = _grad(loss_j, w_prime, scale)                              # g_j' = grad L_j(w')
@@ -289,7 +302,7 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
     s_names = [plan.names[k] for k in s_idx]
     w_s = [plan.params[k] for k in s_idx]
     with torch.no_grad():
-        w_prime = [w.requires_grad_() for w in _inner_step(w_s, [g_i[k] for k in s_idx], alphas, scale)]
+        w_prime = _inner_step(w_s, [g_i[k] for k in s_idx], alphas, scale, out=plan.leaves_like(w_s))
     with _frozen_running_stats(model, bn_first):
         loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, w_prime))), task_j, "task_j")
     g_j = _grad(loss_j, _replace(plan.params, s_idx, w_prime), scale)  # g_j' = grad L_j(w'), all params
@@ -311,8 +324,7 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
 
     def g_i_at(sign: float) -> list[torch.Tensor]:
         """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
-        with torch.no_grad():
-            shifted = [torch.add(w, g, alpha=sign * r * a / scale).requires_grad_() for w, g, a in zip(w_s, g_j_s, alphas)]
+        shifted = _inner_step(w_s, g_j_s, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
         full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
         with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision:
             loss = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, shifted))), task_i, "task_i")
