@@ -316,3 +316,19 @@ def test_fd_under_bf16_autocast_is_as_close_to_float32_as_exact_is():
             grads, _ = run_seeded(model, MLTPConfig("full", second_order=method))
         errors[method] = ((grads - reference).norm() / reference.norm()).item()
     assert errors["fd"] < 1.2 * errors["exact"]
+
+
+@pytest.mark.parametrize("variant,second_order", [("full", "exact"), ("full", "fd"), ("fo", "auto")])
+def test_loss_fn_may_use_submodules_and_still_sees_w_prime(variant, second_order):
+    """loss_fn gets the module itself with its parameters swapped, not a wrapper around forward only."""
+    def by_layers(module, batch):
+        x, y = batch
+        for k in range(len(module)):            # indexes submodules instead of calling module(x)
+            x = module[k](x)
+        return F.cross_entropy(x, y)
+
+    model = small_net()
+    expected, _ = grads_of(model, variant, second_order=second_order)
+    model.zero_grad(set_to_none=True)
+    mltp_backward(model, *tasks(), by_layers, MLTPConfig(variant, second_order=second_order), alpha=0.3)
+    assert max_rel_err({n: p.grad for n, p in model.named_parameters()}, expected) < 1e-12

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 
 from .errors import MLTPConfigError
 from .selection import select_parameters
@@ -91,19 +90,16 @@ class MLTPStats:
         return asdict(self)
 
 
-class _ModelAt:
-    """The stand-in `loss_fn` gets for task j: the same module, evaluated with some parameters replaced."""
+@contextlib.contextmanager
+def _at(model: nn.Module, params: dict[str, torch.Tensor]):
+    """The model itself, evaluated with some parameters replaced (w' for task j, w + r v for fd).
 
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
-        self._model, self._params = model, params
-
-    def __call__(self, *args, **kwargs):
-        return functional_call(self._model, self._params, args, kwargs, strict=False)
-
-    forward = __call__
-
-    def __getattr__(self, name):  # config, device, dtype ... as the model has them
-        return getattr(self._model, name)
+    The same swap `torch.func.functional_call` makes, held for the whole `loss_fn` call, so that
+    `loss_fn` may use the module any way it likes (`module(x)`, `module.forward_features(x)`,
+    `module.fc`) and always sees the replaced parameters.
+    """
+    with torch.nn.utils.stateless._reparametrize_module(model, params, tie_weights=True, strict=False):
+        yield model
 
 
 @dataclass
@@ -270,8 +266,8 @@ def _first_order(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_fi
     g_i = _grad(loss_i, plan.params, scale)
     with torch.no_grad():                                            # w' = w - alpha g_i, a constant
         w_prime = _inner_step(plan.params, g_i, alphas, scale, out=plan.leaves_like(plan.params))
-    with _frozen_running_stats(model, bn_first):
-        loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(plan.names, w_prime))), task_j, "task_j")
+    with _frozen_running_stats(model, bn_first), _at(model, dict(zip(plan.names, w_prime))) as at_w_prime:
+        loss_j = _call_loss(loss_fn, at_w_prime, task_j, "task_j")
     g_j = _grad(loss_j, w_prime, scale)                              # g_j' = grad L_j(w')
     cosine = _cosine(g_i, g_j)
     torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma g_j'
@@ -285,8 +281,8 @@ def _exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
     # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
     g_s = _grad(loss_i, s_params, scale, create_graph=True)
     w_prime = _inner_step(s_params, g_s, alphas, scale)             # w' = w - alpha P_S g_i
-    with _frozen_running_stats(model, bn_first):
-        loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, w_prime))), task_j, "task_j")
+    with _frozen_running_stats(model, bn_first), _at(model, dict(zip(s_names, w_prime))) as at_w_prime:
+        loss_j = _call_loss(loss_fn, at_w_prime, task_j, "task_j")
     # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
     grads = _grad(torch.lerp(loss_i, loss_j, cfg.gamma), plan.params + w_prime, scale)
     n = len(plan.params)
@@ -303,8 +299,8 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
     w_s = [plan.params[k] for k in s_idx]
     with torch.no_grad():
         w_prime = _inner_step(w_s, [g_i[k] for k in s_idx], alphas, scale, out=plan.leaves_like(w_s))
-    with _frozen_running_stats(model, bn_first):
-        loss_j = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, w_prime))), task_j, "task_j")
+    with _frozen_running_stats(model, bn_first), _at(model, dict(zip(s_names, w_prime))) as at_w_prime:
+        loss_j = _call_loss(loss_fn, at_w_prime, task_j, "task_j")
     g_j = _grad(loss_j, _replace(plan.params, s_idx, w_prime), scale)  # g_j' = grad L_j(w'), all params
     g_j_s = [g_j[k] for k in s_idx]
 
@@ -326,8 +322,9 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
         """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
         shifted = _inner_step(w_s, g_j_s, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
         full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
-        with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision:
-            loss = _call_loss(loss_fn, _ModelAt(model, dict(zip(s_names, shifted))), task_i, "task_i")
+        with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision, \
+                _at(model, dict(zip(s_names, shifted))) as at_shifted:
+            loss = _call_loss(loss_fn, at_shifted, task_i, "task_i")
         return _grad(loss, _replace(plan.params, s_idx, shifted), scale)
 
     g_i_s = [g_i[k].detach() for k in s_idx]
@@ -357,9 +354,9 @@ def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any]
                   cfg: MLTPConfig, alpha: float | Mapping[str, float], loss_scale: float | torch.Tensor = 1.0) -> MLTPStats:
     """Accumulate grad L_MLTP into `.grad` of every trainable parameter of `model` and return the step's stats.
 
-    loss_fn(module, batch) -> scalar loss. It is called with `model` for task i and, for task j, with a
-    stand-in that evaluates the same module at w'. `alpha` is a float or {parameter name: float}
-    (see `alpha_from_optimizer`). `loss_scale` multiplies the accumulated gradients as
+    loss_fn(module, batch) -> scalar loss. It is called with `model` for task i and, for task j, with the
+    same module with its parameters swapped for w' (any use of it sees w'). `alpha` is a float or
+    {parameter name: float} (see `alpha_from_optimizer`). `loss_scale` multiplies the accumulated gradients as
     `scaler.scale(loss).backward()` would (fp16); the inner step always uses the unscaled gradient.
     """
     if not isinstance(cfg, MLTPConfig):
