@@ -42,6 +42,9 @@ _FD_EPS = {"forward": {torch.float64: 1e-7, torch.float32: 1e-5, torch.bfloat16:
            "central": {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}}
 
 
+_FP32_PASSES = True
+
+
 @dataclass
 class MLTPConfig:
     """What MLTP does each step; see SPEC.md for every field."""
@@ -321,7 +324,7 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
     def g_i_at(sign: float) -> list[torch.Tensor]:
         """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
         shifted = _inner_step(w_s, g_j_s, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
-        full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
+        full_precision = torch.autocast(device, enabled=False) if low_precision and _FP32_PASSES else contextlib.nullcontext()
         with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision, \
                 _at(model, dict(zip(s_names, shifted))) as at_shifted:
             loss = _call_loss(loss_fn, at_shifted, task_i, "task_i")
