@@ -42,9 +42,6 @@ _FD_EPS = {"forward": {torch.float64: 1e-7, torch.float32: 1e-5, torch.bfloat16:
            "central": {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}}
 
 
-_FP32_PASSES = True
-
-
 @dataclass
 class MLTPConfig:
     """What MLTP does each step; see SPEC.md for every field."""
@@ -216,7 +213,12 @@ def _call_loss(loss_fn, module, batch, which: str) -> torch.Tensor:
 def _grad(loss, inputs, scale, create_graph=False):
     if not (isinstance(scale, float) and scale == 1.0):
         loss = loss * scale
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
+    # backward outside autocast, as `loss.backward()` after an autocast forward: inside it the backward's
+    # matrix products would run in bf16/fp16 too (autocast state is thread-local, and so is the backward)
+    device = loss.device.type
+    outside = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    with outside:
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, create_graph=create_graph)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
@@ -324,7 +326,7 @@ def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale,
     def g_i_at(sign: float) -> list[torch.Tensor]:
         """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
         shifted = _inner_step(w_s, g_j_s, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
-        full_precision = torch.autocast(device, enabled=False) if low_precision and _FP32_PASSES else contextlib.nullcontext()
+        full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
         with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision, \
                 _at(model, dict(zip(s_names, shifted))) as at_shifted:
             loss = _call_loss(loss_fn, at_shifted, task_i, "task_i")
