@@ -16,7 +16,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -444,10 +444,6 @@ class Trainer:
 def train(args: TrainArgs) -> dict:
     """Build, check and run one training job; returns its summary."""
     return Trainer(args).fit()
-
-
-def arg_names() -> list[str]:
-    return [f.name for f in fields(TrainArgs)]
 
 
 __all__ = ["TrainArgs", "Trainer", "train", "DEFAULT_DATASET", "SUMMARY_COLUMNS"]
