@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from timm_mltp.distributed import average_gradients  # noqa: E402
 from timm_mltp.engine import TrainArgs, Trainer  # noqa: E402
 from timm_mltp.errors import MLTPConfigError  # noqa: E402
-from timm_mltp.mltp import _frozen_running_stats  # noqa: E402  (the core's own BatchNorm freeze, reused)
+from timm_mltp.passes import frozen_running_stats as _frozen_running_stats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_CSV = ROOT / "benchmarks" / "results" / "generalization.csv"

@@ -12,6 +12,7 @@ import sys
 
 from timm_mltp.engine import TrainArgs, train
 from timm_mltp.errors import MLTPConfigError
+from timm_mltp.mltp import ALPHA_RULES
 
 D = TrainArgs()
 
@@ -54,8 +55,13 @@ def parse_args(argv=None) -> TrainArgs:
     g.add_argument("--variant", default=D.variant, help="none | full | conv | fc | fo | head | glob patterns "
                                                         "over parameter names, e.g. 'layer4.*,fc.*' (default: %(default)s)")
     g.add_argument("--gamma", type=float, default=D.gamma, help="weight of task j, in (0, 1]")
-    g.add_argument("--alpha", type=float, default=None, help="fixed inner step size (default: follow the lr)")
-    g.add_argument("--alpha-scale", type=float, default=D.alpha_scale, help="alpha = lr x this (default: %(default)s)")
+    g.add_argument("--alpha-rule", default=None, choices=ALPHA_RULES,
+                   help="how the inner step size is chosen each step (default: fixed with --alpha, else optimizer)")
+    g.add_argument("--alpha", type=float, default=None, help="rule fixed: the inner step size")
+    g.add_argument("--alpha-scale", type=float, default=D.alpha_scale,
+                   help="rules lr, clip, update: multiplies their step (default: %(default)s)")
+    g.add_argument("--relative-step", type=float, default=D.relative_step,
+                   help="rule relative: ||inner step|| / ||w_S|| (default: %(default)s)")
     g.add_argument("--second-order", default=D.second_order, choices=["auto", "exact", "fd"])
     g.add_argument("--bn-update", default=D.bn_update, choices=["both", "first"])
     g = p.add_argument_group("run")

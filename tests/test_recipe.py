@@ -52,9 +52,10 @@ def test_default_dataset_trains_and_writes_timm_loadable_outputs(tmp_path):
     assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"} <= {p.name for p in out.iterdir()}
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
-                             "loss_i", "loss_j", "grad_cosine", "alpha"]
+                             "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio"]
     assert float(rows[0]["eval_top1"]) > 30            # 10 classes: chance is 10%
-    assert 0 < float(rows[0]["alpha"]) <= 0.05           # follows the learning rate (alpha_scale 1)
+    assert 0 < float(rows[0]["alpha"]) <= 0.05           # the default rule on SGD: the learning rate (no clipping)
+    assert 0 < float(rows[0]["relative_step"]) < 0.1 and 0 < float(rows[0]["update_ratio"]) < 1
     model = timm.create_model("test_resnet", num_classes=10, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(out / "model_best.pth.tar"), num_classes=10))
     saved = torch.load(out / "model_best.pth.tar", map_location="cpu", weights_only=False)["state_dict"]
@@ -152,7 +153,8 @@ def test_two_processes_average_each_process_mltp_gradient(tmp_path, variant):
     (["--variant", "layer9.*"], "'layer9.*' matches no trainable parameter of ResNet (test_resnet)"),
     (["--dataset", "/no/such/folder"], "does not exist"),
     (["--gamma", "0"], "gamma must be a number in (0, 1]"),
-    (["--alpha", "-1"], "--alpha must be >= 0"),
+    (["--alpha", "-1"], "alpha (the fixed inner step size) must be a finite number >= 0"),
+    (["--alpha-rule", "lr", "--alpha", "0.1"], "set alpha_rule='fixed' too"),
     (["--resume", "/no/such.pth.tar"], "--resume '/no/such.pth.tar' is not a file"),
     (["--pretrained-path", "/no/weights.pth"], "is not a file"),
     (["-b", "20000"], "fewer than one pair of batches"),
@@ -191,7 +193,7 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
         loss = F.cross_entropy(module(batch[0]), batch[1])
         return loss * float("nan") if len(calls) > 4 else loss   # first 2 steps fine (2 passes each)
 
-    monkeypatch.setattr(trainer, "loss_fn", sometimes_nan)
+    monkeypatch.setattr(trainer.step, "loss_fn", sometimes_nan)
     with pytest.raises(MLTPConfigError, match="3 non-finite losses in a row"):
         trainer.fit()
     assert trainer.num_updates == 2                      # the skipped steps changed nothing

@@ -1,13 +1,15 @@
 """timm-mltp: meta-learning based training (MLTP, arXiv:2002.12455) for timm and Hugging Face models."""
 from .distributed import average_gradients
 from .errors import MLTPConfigError
-from .mltp import (MLTPConfig, MLTPStats, alpha_from_optimizer, mltp_backward, second_order_in_use,
-                   split_tasks)
+from .inner_step import InnerStepSize
+from .mltp import (ALPHA_RULES, MLTPConfig, MLTPStats, alpha_from_optimizer, mltp_backward, second_order_in_use)
+from .step import MLTPStep
+from .tasks import split_tasks
 from .selection import VARIANTS, select_parameters, summarize_selection
 
 __version__ = "0.1.0"
 
-__all__ = ["MLTPConfig", "MLTPConfigError", "MLTPStats", "MLTPTrainer", "MLTPTrainingArguments", "VARIANTS",
+__all__ = ["ALPHA_RULES", "InnerStepSize", "MLTPConfig", "MLTPStep", "MLTPConfigError", "MLTPStats", "MLTPTrainer", "MLTPTrainingArguments", "VARIANTS",
            "alpha_from_optimizer", "average_gradients", "mltp_backward", "second_order_in_use", "select_parameters",
            "split_tasks", "summarize_selection"]
 

@@ -2,11 +2,10 @@
 
 Build with timm's factories, distribute with Accelerate, get the gradient from the core:
 
-    for batch in loader:                          # 2B samples per process
-        task_i, task_j = split_tasks(batch)
-        stats = mltp_backward(model, task_i, task_j, loss_fn, cfg, alpha)   # this process's MLTP gradient
-        average_gradients(model.parameters())     # mean over processes (SPEC, Multi-process)
-        optimizer.step()
+    for batch in loader:                          # 2B samples per process: task i and task j
+        stats = step.pair(batch)                  # this process's MLTP gradient (loss scale, autocast)
+        if step.sync():                           # mean over processes; every process skips a non-finite step
+            optimizer.step()
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
@@ -33,14 +32,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import DEFAULT_DATASET, apply_transforms, collate_image_batch, create_transforms, load_image_dataset
-from .accelerate_utils import mltp_autocast
-from .distributed import average_gradients, broadcast_buffers
 from .errors import MLTPConfigError
-from .mltp import MLTPConfig, alpha_from_optimizer, mltp_backward, second_order_in_use, split_tasks
+from .mltp import MLTPConfig, second_order_in_use
+from .step import MLTPStep
 from .selection import select_parameters, summarize_selection
 
-SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
-                   "loss_i", "loss_j", "grad_cosine", "alpha"]
+# the MLTP statistics averaged over each epoch (MLTPStats fields)
+EPOCH_STATS = ("loss", "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio")
+SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", *EPOCH_STATS[1:]]
 
 
 @dataclass
@@ -78,8 +77,11 @@ class TrainArgs:
     # MLTP
     variant: str = "full"
     gamma: float = 0.5
-    alpha: float | None = None            # None: alpha follows the learning rate times alpha_scale
+    alpha_rule: str | None = None         # optimizer | lr | fixed | clip | update | relative; None: fixed if --alpha, else
+                                          # MLTPConfig's default
+    alpha: float | None = None            # rule fixed: the inner step size
     alpha_scale: float = 1.0
+    relative_step: float = 1e-3           # rule relative: ||inner step|| / ||w_S||
     second_order: str = "auto"
     bn_update: str = "both"
     # run
@@ -226,16 +228,32 @@ def set_rng_state(state: dict) -> None:
 
 # ---- the loop -------------------------------------------------------------------------------------
 
-class Trainer:
-    """One training run: built (and checked) in __init__, run by `fit()`."""
+def mltp_config(args: TrainArgs) -> MLTPConfig:
+    """The recipe's MLTP options as the core's config (which checks them)."""
+    rule = args.alpha_rule or ("fixed" if args.alpha is not None else MLTPConfig.alpha_rule)
+    return MLTPConfig(variant=args.variant, gamma=args.gamma, second_order=args.second_order,
+                      bn_update=args.bn_update, alpha_rule=rule, alpha=args.alpha, alpha_scale=args.alpha_scale,
+                      relative_step=args.relative_step)
 
-    def __init__(self, args: TrainArgs):
+
+def check_distributed_type(accelerator: Accelerator) -> None:
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP,
+                                        DistributedType.MEGATRON_LM):
+        raise MLTPConfigError(f"the recipe supports single-process and data-parallel (DDP) training, not "
+                              f"{accelerator.distributed_type.value}: the inner step needs every process to hold "
+                              f"whole parameters; run `accelerate config` again and choose multi-GPU (DDP)")
+
+
+class Trainer:
+    """One training run: built (and checked) in __init__, run by `fit()`.
+
+    `accelerator`: one built by the caller (another mixed-precision setup, a custom gradient scaler);
+    default: from `args.mixed_precision` and `args.cpu`.
+    """
+
+    def __init__(self, args: TrainArgs, accelerator: Accelerator | None = None):
         self.args = args
-        self.mltp = MLTPConfig(variant=args.variant, gamma=args.gamma, second_order=args.second_order,
-                               bn_update=args.bn_update)
-        if args.alpha is not None and not args.alpha >= 0:
-            raise MLTPConfigError(f"--alpha must be >= 0, got {args.alpha}; or leave it out to follow the "
-                                  f"learning rate (times --alpha-scale)")
+        self.mltp = mltp_config(args)
         if args.batch_size < 1 or args.epochs < 1:
             raise MLTPConfigError(f"--batch-size and --epochs must be >= 1, got {args.batch_size} and {args.epochs}")
         if args.resume and not os.path.isfile(args.resume):
@@ -244,7 +262,9 @@ class Trainer:
         check_model_name(args.model)
         # several CPU processes (torchrun): Accelerate sets up gloo only when told it is on the CPU
         cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu or cpu_processes)
+        self.accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision,
+                                                      cpu=args.cpu or cpu_processes)
+        check_distributed_type(self.accelerator)
         set_seed(args.seed)
         acc = self.accelerator
 
@@ -268,11 +288,13 @@ class Trainer:
         self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
         # the MLTP passes run on the plain module: each process's own gradient, no DDP hooks (SPEC)
         self.module = acc.unwrap_model(self.model)
+        self.step = MLTPStep(acc, self.module, self.optimizer, self.mltp, self.loss_fn,
+                             max_grad_norm=args.clip_grad)
         self.out_dir = Path(args.output) / (args.experiment or "-".join(
             [time.strftime("%Y%m%d-%H%M%S"), args.model, args.variant.replace(",", "+").replace("*", "x")]))
         self.epoch, self.step_in_epoch, self.num_updates = 0, 0, 0
         self.best_top1, self.best_epoch, self.rows = None, None, []
-        self.epoch_sums, self.epoch_count = {}, 0
+        self.epoch_sums = {}
         if args.resume:
             self.load_checkpoint(args.resume)
 
@@ -287,7 +309,7 @@ class Trainer:
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "num_updates": self.num_updates,
                 "best_top1": self.best_top1, "best_epoch": self.best_epoch, "rows": self.rows,
-                "epoch_sums": self.epoch_sums, "epoch_count": self.epoch_count,
+                "epoch_sums": self.epoch_sums, "inner_step": self.step.inner_step.state_dict(),
                 "args": asdict(self.args)}
 
     def save(self, name: str) -> None:
@@ -305,8 +327,8 @@ class Trainer:
         if ckpt["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
-        for key in ("epoch", "step_in_epoch", "num_updates", "best_top1", "best_epoch", "rows", "epoch_sums",
-                    "epoch_count"):
+        self.step.inner_step.load_state_dict(ckpt["inner_step"])
+        for key in ("epoch", "step_in_epoch", "num_updates", "best_top1", "best_epoch", "rows", "epoch_sums"):
             setattr(self, key, ckpt[key])
         self.print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch}")
 
@@ -322,34 +344,27 @@ class Trainer:
         images, labels = batch
         return F.cross_entropy(module(images), labels, label_smoothing=self.args.smoothing)
 
-    def alpha(self):
-        if self.args.alpha is not None:
-            return self.args.alpha
-        return alpha_from_optimizer(self.module, self.optimizer, self.args.alpha_scale)
-
     def train_step(self, batch) -> dict | None:
-        """One optimizer step on one 2B batch; None when it was skipped for a non-finite loss."""
-        acc, params = self.accelerator, [p for p in self.module.parameters() if p.requires_grad]
-        task_i, task_j = split_tasks((batch["pixel_values"], batch["labels"]))
-        scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+        """One optimizer step on one 2B batch. None when its loss was not finite (every process skips it);
+        `skipped` when an fp16 gradient scaler found inf/nan gradients and backed off."""
+        acc = self.accelerator
         self.optimizer.zero_grad(set_to_none=True)
-        with mltp_autocast(acc, self.module):
-            stats = mltp_backward(self.module, task_i, task_j, self.loss_fn, self.mltp, self.alpha(), loss_scale=scale)
-        if self.num_updates == 0 and not getattr(self, "_reported", False):
+        stats = self.step.pair((batch["pixel_values"], batch["labels"]))
+        if not getattr(self, "_reported", False):
             self._reported = True
             self.print(f"second order in use: {stats.second_order}")
-        average_gradients(params)
-        broadcast_buffers(self.module)
-        finite = torch.tensor([math.isfinite(stats.loss)], dtype=torch.float32, device=acc.device)
-        if acc.reduce(finite, "min").item() < 1:       # every process skips together
+        if not self.step.sync():
+            self.optimizer.step()   # no gradients, or inf ones that make the fp16 scaler skip it and back off
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if self.args.clip_grad:
-            acc.clip_grad_norm_(params, self.args.clip_grad)
+            acc.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.args.clip_grad)
         self.optimizer.step()                          # through the fp16 scaler when there is one
+        if acc.optimizer_step_was_skipped:
+            return {**stats.as_dict(), "skipped": True}
         self.num_updates += 1
         self.scheduler.step_update(num_updates=self.num_updates)
-        return stats.as_dict()
+        return {**stats.as_dict(), "skipped": False}
 
     def train_epoch(self) -> dict:
         args, acc = self.args, self.accelerator
@@ -361,7 +376,7 @@ class Trainer:
         self.train_set.epoch = self.epoch
         loader = acc.skip_first_batches(self.train_loader, self.step_in_epoch) if self.step_in_epoch else self.train_loader
         if not self.step_in_epoch:   # the epoch's running means; a checkpoint carries them over a resume
-            self.epoch_sums, self.epoch_count = dict.fromkeys(("loss", "loss_i", "loss_j", "grad_cosine", "alpha"), 0.0), 0
+            self.epoch_sums = {k: [0.0, 0] for k in EPOCH_STATS}
         sums, bad_in_row = self.epoch_sums, 0
         bar = tqdm(loader, total=len(self.train_loader), initial=self.step_in_epoch, leave=False,
                    desc=f"epoch {self.epoch}", disable=not (args.progress and acc.is_local_main_process))
@@ -377,16 +392,20 @@ class Trainer:
                                           f"in {self.out_dir} is intact (--resume it)")
                 continue
             bad_in_row = 0
-            self.epoch_count += 1
-            for k in sums:
-                sums[k] += stats[k]
-            if self.epoch_count % args.log_interval == 0:
-                bar.set_postfix(loss=f"{sums['loss'] / self.epoch_count:.3f}",
-                                cos=f"{sums['grad_cosine'] / self.epoch_count:.3f}")
+            if stats.get("skipped"):
+                self.print(f"step {self.num_updates}: fp16 gradient overflow, step skipped; loss scale now "
+                           f"{self.step.loss_scale():g}")
+            for k in EPOCH_STATS:
+                if math.isfinite(stats.get(k, math.nan)):   # update_ratio is nan before the first update
+                    sums[k][0] += stats[k]
+                    sums[k][1] += 1
+            if self.step_in_epoch % args.log_interval == 0:
+                bar.set_postfix(loss=f"{_mean(sums['loss']):.3f}", cos=f"{_mean(sums['grad_cosine']):.3f}",
+                                rel_step=f"{_mean(sums['relative_step']):.1e}")
             if args.checkpoint_interval and self.num_updates % args.checkpoint_interval == 0:
                 self.save("last.pth.tar")
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        return {k: v / max(self.epoch_count, 1) for k, v in sums.items()}
+        return {k: _mean(v) for k, v in sums.items()}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -421,7 +440,7 @@ class Trainer:
             self.scheduler.step(self.epoch)
             row = {"epoch": epoch, "train_loss": train["loss"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[2:5]},
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   **{k: train[k] for k in ("loss_i", "loss_j", "grad_cosine", "alpha")}}
+                   **{k: train[k] for k in EPOCH_STATS[1:]}}
             self.rows.append(row)
             improved = metrics and (self.best_top1 is None or metrics["eval_top1"] > self.best_top1)
             if improved:
@@ -439,6 +458,11 @@ class Trainer:
         if self.best_top1 is not None:
             self.print(f"*** Best metric: {self.best_top1:.2f} (epoch {self.best_epoch})")
         return result
+
+
+def _mean(total_count) -> float:
+    total, count = total_count
+    return total / count if count else math.nan
 
 
 def train(args: TrainArgs) -> dict:

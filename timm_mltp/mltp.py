@@ -18,33 +18,42 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import weakref
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .errors import MLTPConfigError
+from .passes import (evaluated_at, frozen_running_stats, replayed_rng, rng_devices, rng_state, undone_on_error)
 from .selection import select_parameters
+from .tasks import split_tasks
 
 _logger = logging.getLogger("timm_mltp")
 
 SECOND_ORDER = ("auto", "exact", "fd")
 BN_UPDATE = ("both", "first")
 FD_SCHEMES = ("forward", "central")
+ALPHA_RULES = ("optimizer", "lr", "fixed", "clip", "update", "relative")
 
-# Finite-difference step, relative to the weight norm of S: ||r v|| = fd_eps * ||w_S||. Measured
-# against exact double backward on smooth timm models (benchmarks/fd_error.py): in float32 the
-# forward difference is best near 1e-5 (rel. error ~3e-3), the central one near 1e-4 (~4e-4).
+# Finite-difference step, relative to the weight norm of S: ||r v|| = fd_eps * ||w_S|| (an absolute step
+# fd_eps where ||w_S|| = 0). Measured against exact double backward on smooth timm models
+# (benchmarks/fd_error.py): in float32 the forward difference is best near 1e-5 (rel. error ~3e-3), the
+# central one near 1e-4 (~4e-4).
 _FD_EPS = {"forward": {torch.float64: 1e-7, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2},
            "central": {torch.float64: 1e-5, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}}
 
 
+def _is_number(value, low: float = 0.0) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and low <= value < math.inf
+
+
 @dataclass
 class MLTPConfig:
-    """What MLTP does each step; see SPEC.md for every field."""
+    """What MLTP does each step; see SPEC.md for every field. Checked once, here."""
 
     variant: str = "full"        # none | full | conv | fc | fo | head | glob patterns "layer4.*,fc.*"
     gamma: float = 0.5           # weight of task j, in (0, 1]
@@ -52,21 +61,40 @@ class MLTPConfig:
     bn_update: str = "both"      # both passes update BatchNorm running statistics, or only the first
     fd_scheme: str = "forward"   # fd: one-sided difference reusing g_i (1 extra pass) or central (2)
     fd_eps: float | None = None  # fd: step size relative to ||w_S||; None picks by dtype
+    # the inner step size alpha (timm_mltp/inner_step.py turns the rule into alpha every step)
+    alpha_rule: str = "optimizer"  # optimizer | lr | fixed | clip | update | relative
+    alpha: float | None = None   # rule fixed: the inner step size itself
+    alpha_scale: float = 1.0     # rules lr, clip, update: multiplies the step they give
+    relative_step: float = 1e-3  # rule relative: ||alpha P_S g_i|| / ||w_S||
 
     def __post_init__(self):
         if not isinstance(self.variant, str) or not self.variant.strip():
             raise MLTPConfigError(f"variant must be a non-empty string such as 'full' or 'layer4.*,fc.*', "
                                   f"got {self.variant!r}")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 < self.gamma <= 1:
+        if not (_is_number(self.gamma) and 0 < self.gamma <= 1):
             raise MLTPConfigError(f"gamma must be a number in (0, 1] (the weight of task j), got {self.gamma!r}; "
                                   f"0.5 weighs both tasks equally")
-        for field, value, allowed in (("second_order", self.second_order, SECOND_ORDER),
-                                      ("bn_update", self.bn_update, BN_UPDATE),
-                                      ("fd_scheme", self.fd_scheme, FD_SCHEMES)):
+        for name, value, allowed in (("second_order", self.second_order, SECOND_ORDER),
+                                     ("bn_update", self.bn_update, BN_UPDATE),
+                                     ("fd_scheme", self.fd_scheme, FD_SCHEMES),
+                                     ("alpha_rule", self.alpha_rule, ALPHA_RULES)):
             if value not in allowed:
-                raise MLTPConfigError(f"{field} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.fd_eps is not None and not (isinstance(self.fd_eps, (int, float)) and self.fd_eps > 0):
+                raise MLTPConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.fd_eps is not None and not (_is_number(self.fd_eps) and self.fd_eps > 0):
             raise MLTPConfigError(f"fd_eps must be a positive number or None (chosen by dtype), got {self.fd_eps!r}")
+        if self.alpha is not None and not _is_number(self.alpha):
+            raise MLTPConfigError(f"alpha (the fixed inner step size) must be a finite number >= 0 or None, "
+                                  f"got {self.alpha!r}")
+        if self.alpha_rule == "fixed" and self.alpha is None:
+            raise MLTPConfigError("alpha_rule='fixed' needs alpha, the inner step size (e.g. alpha=0.01)")
+        if self.alpha is not None and self.alpha_rule != "fixed":
+            raise MLTPConfigError(f"alpha={self.alpha} is a fixed inner step size, but alpha_rule is "
+                                  f"{self.alpha_rule!r}; set alpha_rule='fixed' too, or leave alpha unset")
+        if not _is_number(self.alpha_scale):
+            raise MLTPConfigError(f"alpha_scale must be a finite number >= 0, got {self.alpha_scale!r}")
+        if not (_is_number(self.relative_step) and self.relative_step > 0):
+            raise MLTPConfigError(f"relative_step must be a positive number (||inner step|| / ||w_S||, e.g. 1e-3), "
+                                  f"got {self.relative_step!r}")
 
 
 @dataclass
@@ -78,7 +106,10 @@ class MLTPStats:
     loss_j: float        # L_j(w'); at w for variant none
     grad_cosine: float   # cos(P_S g_i(w), P_S g_j(w')); over all trainable parameters for variant none
     alpha: float         # inner step size, mean over S weighted by parameter count
+    inner_step: float    # ||alpha P_S g_i||, the length of the inner step
+    relative_step: float  # ||alpha P_S g_i|| / ||w_S||
     second_order: str    # none | first | exact | fd: how the gradient was obtained
+    update_ratio: float = math.nan  # ||alpha P_S g_i|| / ||last actual update of S||, set by MLTPStep
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -90,65 +121,106 @@ class MLTPStats:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def _at(model: nn.Module, params: dict[str, torch.Tensor]):
-    """The model itself, evaluated with some parameters replaced (w' for task j, w + r v for fd).
-
-    The same swap `torch.func.functional_call` makes, held for the whole `loss_fn` call, so that
-    `loss_fn` may use the module any way it likes (`module(x)`, `module.forward_features(x)`,
-    `module.fc`) and always sees the replaced parameters.
-    """
-    with torch.nn.utils.stateless._reparametrize_module(model, params, tie_weights=True, strict=False):
-        yield model
-
-
 @dataclass
 class _Plan:
-    """The per-model facts that do not change between steps."""
+    """The facts about one model and selection that do not change between steps."""
 
     names: list[str]   # trainable parameters
     params: list[nn.Parameter]
     in_s: list[bool]   # which of them are in S
-    scratch: list[torch.Tensor] | None = None  # fo/fd: storage for w' and w + r v, reused every step
+    scratch: list[torch.Tensor] = field(default_factory=list)  # fo/fd: storage for w' and w + r v
+    auto: dict = field(default_factory=dict)  # (device, dtype) -> the second order `auto` settled on
+
+    @property
+    def s_index(self) -> list[int]:
+        return [k for k, s in enumerate(self.in_s) if s]
 
     def leaves_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Leaf tensors shaped like `params` for w' (fo, fd) or w +- r v (fd). Kept between steps: a fresh
+        """Leaf tensors like `params` for w' (fo, fd) or w +- r v (fd). Kept between steps: a fresh
         parameter-sized allocation costs more than the arithmetic written into it (page faults)."""
-        if self.scratch is None or [t.shape for t in self.scratch] != [p.shape for p in params]:
+        like = [(p.shape, p.dtype, p.device) for p in params]
+        if [(t.shape, t.dtype, t.device) for t in self.scratch] != like:
             self.scratch = [torch.empty_like(p, requires_grad=True) for p in params]
         return self.scratch
 
 
-# per model: the plan for each (variant, trainable names), and the second order `auto` settled on
+# per model and variant: the plan, rebuilt when the model's trainable parameters are other objects
 _plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_auto_choice: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plan(model: nn.Module, variant: str) -> _Plan:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    key = (variant, tuple(n for n, _ in named))
-    cache = _plans.setdefault(model, {})
-    if key not in cache:
+    plans = _plans.setdefault(model, {})
+    plan = plans.get(variant)
+    live = plan is not None and len(plan.params) == len(named) and all(
+        a == n and b is p for a, b, (n, p) in zip(plan.names, plan.params, named))
+    if not live:  # first use, or parameters replaced (load_state_dict(assign=True), PEFT) or frozen/unfrozen
         selected = set(select_parameters(model, variant))
-        cache[key] = _Plan([n for n, _ in named], [p for _, p in named], [n in selected for n, _ in named])
-    return cache[key]
+        plan = plans[variant] = _Plan([n for n, _ in named], [p for _, p in named], [n in selected for n, _ in named])
+    return plan
 
 
 def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, alpha_scale: float = 1.0) -> dict[str, float]:
-    """SPEC's default inner step size: each parameter's current learning rate times `alpha_scale`.
-
-    Read it every step: it then follows warmup and decay. Adaptive optimizers (AdamW) take steps
-    far larger than lr * gradient, so they want a larger `alpha_scale` (10 to 100).
-    """
-    if not (isinstance(alpha_scale, (int, float)) and alpha_scale >= 0):
-        raise MLTPConfigError(f"alpha_scale must be a number >= 0, got {alpha_scale!r}")
+    """Rule `lr`: each parameter's current learning rate times `alpha_scale`; read it every step."""
+    if not _is_number(alpha_scale):
+        raise MLTPConfigError(f"alpha_scale must be a finite number >= 0, got {alpha_scale!r}")
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     return {n: float(lr_of[id(p)]) * alpha_scale for n, p in model.named_parameters() if id(p) in lr_of}
 
 
-def _alphas(alpha: float | Mapping[str, float], plan: _Plan) -> list[float]:
+# alpha as mltp_backward takes it: a float, {name: float} over S, or a rule called with the unscaled
+# per-tensor norms {name: ||P_S g_i||} and {name: ||w||} of S that returns one of the first two
+Alpha = float | Mapping[str, float] | Callable[[dict, dict], float | Mapping[str, float]]
+
+
+@dataclass
+class _Step:
+    """One call of `mltp_backward`: what the four gradient functions share."""
+
+    model: nn.Module
+    plan: _Plan
+    loss_fn: Callable
+    cfg: MLTPConfig
+    alpha: Alpha
+    scale: float       # loss scale: multiplies the returned gradients; the inner step is always unscaled
+    alphas: list[float] = field(default_factory=list)   # per tensor of S, set by `inner_step_sizes`
+    inner_step: float = 0.0
+    relative_step: float = 0.0
+
+    @property
+    def bn_first(self) -> bool:
+        return self.cfg.bn_update == "first"
+
+    def loss(self, module, batch, which: str) -> torch.Tensor:
+        loss = self.loss_fn(module, batch)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
+            got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            hint = " without grad (called under torch.no_grad?)" if isinstance(loss, torch.Tensor) and loss.dim() == 0 else ""
+            raise MLTPConfigError(f"loss_fn(module, {which}) must return a scalar tensor that depends on the model's "
+                                  f"parameters, got {got}{hint}")
+        return loss
+
+    def grad(self, loss, inputs, create_graph=False) -> list[torch.Tensor]:
+        return _grad(loss, inputs, self.scale, create_graph)
+
+    def inner_step_sizes(self, g_s: list[torch.Tensor]) -> list[float]:
+        """alpha per tensor of S from the rule, and the inner step's length (one device sync)."""
+        s_names = [self.plan.names[k] for k in self.plan.s_index]
+        w_s = [self.plan.params[k] for k in self.plan.s_index]
+        norms = torch.stack(torch._foreach_norm([g.detach() for g in g_s]) + torch._foreach_norm(
+            [w.detach() for w in w_s])).double().tolist()
+        g_norms = dict(zip(s_names, (x / self.scale for x in norms[:len(s_names)])))
+        w_norms = dict(zip(s_names, norms[len(s_names):]))
+        alpha = self.alpha(g_norms, w_norms) if callable(self.alpha) else self.alpha
+        self.alphas = _alphas(alpha, s_names)
+        self.inner_step = math.sqrt(sum((a * g_norms[n]) ** 2 for a, n in zip(self.alphas, s_names)))
+        w_norm = math.sqrt(sum(x * x for x in w_norms.values()))
+        self.relative_step = self.inner_step / w_norm if w_norm > 0 else (math.inf if self.inner_step else 0.0)
+        return self.alphas
+
+
+def _alphas(alpha: float | Mapping[str, float], s_names: list[str]) -> list[float]:
     """One inner step size per tensor of S."""
-    s_names = [n for n, s in zip(plan.names, plan.in_s) if s]
     if isinstance(alpha, Mapping):
         missing = [n for n in s_names if n not in alpha]
         if missing:
@@ -159,59 +231,13 @@ def _alphas(alpha: float | Mapping[str, float], plan: _Plan) -> list[float]:
     else:
         values = [alpha] * len(s_names)
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or math.isinf(v):
+        if not _is_number(v):
             raise MLTPConfigError(f"alpha (the inner step size) must be a finite number >= 0, got {v!r}")
     return [float(v) for v in values]
 
 
-@contextlib.contextmanager
-def _frozen_running_stats(model: nn.Module, frozen: bool = True):
-    """Normalise with batch statistics as usual, but leave running statistics untouched."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats] if frozen else []
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
-
-def _rng_devices(params: list[torch.Tensor]) -> list[int]:
-    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-
-
-def _rng_state(devices: list[int]):
-    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-
-
-def _set_rng_state(state, devices: list[int]) -> None:
-    torch.set_rng_state(state[0])
-    for d, s in zip(devices, state[1]):
-        torch.cuda.set_rng_state(s, d)
-
-
-@contextlib.contextmanager
-def _replayed_rng(state, devices: list[int]):
-    """Run with the random state of an earlier pass (same dropout masks), then continue as before."""
-    with torch.random.fork_rng(devices=devices):
-        _set_rng_state(state, devices)
-        yield
-
-
-def _call_loss(loss_fn, module, batch, which: str) -> torch.Tensor:
-    loss = loss_fn(module, batch)
-    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
-        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise MLTPConfigError(f"loss_fn(module, {which}) must return a scalar tensor that depends on the model's "
-                              f"parameters, got {got}" + (" without grad (called under torch.no_grad?)"
-                                                          if isinstance(loss, torch.Tensor) and loss.dim() == 0 else ""))
-    return loss
-
-
-def _grad(loss, inputs, scale, create_graph=False):
-    if not (isinstance(scale, float) and scale == 1.0):
+def _grad(loss, inputs, scale: float, create_graph=False):
+    if scale != 1.0:
         loss = loss * scale
     # backward outside autocast, as `loss.backward()` after an autocast forward: inside it the backward's
     # matrix products would run in bf16/fp16 too (autocast state is thread-local, and so is the backward)
@@ -253,133 +279,158 @@ def _replace(params: list, positions: list[int], values: list) -> list:
 
 
 # ---- the four gradients. Each returns (grads of all trainable params, L_i, L_j, cosine); grads are
-# ---- multiplied by `scale` (a loss scale), the inner step always uses unscaled gradients.
+# ---- multiplied by the loss scale, the inner step always uses unscaled gradients.
 
-def _none(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
-    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
-    g_i = _grad(loss_i, plan.params, scale)
-    with _frozen_running_stats(model, bn_first):
-        loss_j = _call_loss(loss_fn, model, task_j, "task_j")
-    g_j = _grad(loss_j, plan.params, scale)
+def _none(step: _Step, task_i, task_j):
+    model, plan = step.model, step.plan
+    loss_i = step.loss(model, task_i, "task_i")
+    g_i = step.grad(loss_i, plan.params)
+    with frozen_running_stats(model, step.bn_first):
+        loss_j = step.loss(model, task_j, "task_j")
+    g_j = step.grad(loss_j, plan.params)
     cosine = _cosine(g_i, g_j)
-    torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma g_j
+    torch._foreach_lerp_(g_i, g_j, step.cfg.gamma)                   # (1-gamma) g_i + gamma g_j
     return g_i, loss_i, loss_j, cosine
 
 
-def _first_order(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
-    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
-    g_i = _grad(loss_i, plan.params, scale)
+def _first_order(step: _Step, task_i, task_j):
+    model, plan = step.model, step.plan
+    loss_i = step.loss(model, task_i, "task_i")
+    g_i = step.grad(loss_i, plan.params)
+    alphas = step.inner_step_sizes(g_i)
     with torch.no_grad():                                            # w' = w - alpha g_i, a constant
-        w_prime = _inner_step(plan.params, g_i, alphas, scale, out=plan.leaves_like(plan.params))
-    with _frozen_running_stats(model, bn_first), _at(model, dict(zip(plan.names, w_prime))) as at_w_prime:
-        loss_j = _call_loss(loss_fn, at_w_prime, task_j, "task_j")
-    g_j = _grad(loss_j, w_prime, scale)                              # g_j' = grad L_j(w')
+        w_prime = _inner_step(plan.params, g_i, alphas, step.scale, out=plan.leaves_like(plan.params))
+    with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(plan.names, w_prime))) as at_w:
+        loss_j = step.loss(at_w, task_j, "task_j")
+    g_j = step.grad(loss_j, w_prime)                                 # g_j' = grad L_j(w')
     cosine = _cosine(g_i, g_j)
-    torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma g_j'
+    torch._foreach_lerp_(g_i, g_j, step.cfg.gamma)                   # (1-gamma) g_i + gamma g_j'
     return g_i, loss_i, loss_j, cosine
 
 
-def _exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
-    s_params = [p for p, s in zip(plan.params, plan.in_s) if s]
-    s_names = [n for n, s in zip(plan.names, plan.in_s) if s]
-    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
+def _exact(step: _Step, task_i, task_j):
+    model, plan = step.model, step.plan
+    s_params = [plan.params[k] for k in plan.s_index]
+    s_names = [plan.names[k] for k in plan.s_index]
+    loss_i = step.loss(model, task_i, "task_i")
     # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
-    g_s = _grad(loss_i, s_params, scale, create_graph=True)
-    w_prime = _inner_step(s_params, g_s, alphas, scale)             # w' = w - alpha P_S g_i
-    with _frozen_running_stats(model, bn_first), _at(model, dict(zip(s_names, w_prime))) as at_w_prime:
-        loss_j = _call_loss(loss_fn, at_w_prime, task_j, "task_j")
+    g_s = step.grad(loss_i, s_params, create_graph=True)
+    w_prime = _inner_step(s_params, g_s, step.inner_step_sizes(g_s), step.scale)   # w' = w - alpha P_S g_i
+    with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(s_names, w_prime))) as at_w:
+        loss_j = step.loss(at_w, task_j, "task_j")
     # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
-    grads = _grad(torch.lerp(loss_i, loss_j, cfg.gamma), plan.params + w_prime, scale)
+    grads = step.grad(torch.lerp(loss_i, loss_j, step.cfg.gamma), plan.params + w_prime)
     n = len(plan.params)
     return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:])
 
 
-def _finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
-    devices = _rng_devices(plan.params)
-    rng_i = _rng_state(devices)                                      # to replay task i's dropout masks
-    loss_i = _call_loss(loss_fn, model, task_i, "task_i")
-    g_i = _grad(loss_i, plan.params, scale)
-    s_idx = [k for k, s in enumerate(plan.in_s) if s]
+def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, low_precision: bool) -> list[torch.Tensor]:
+    """H_i v for v = alpha P_S v_dir (scaled by the loss scale), as a finite difference of grad L_i.
+
+    The extra passes replay task i's random state (same dropout masks) and leave running statistics alone.
+    Step r such that ||r v|| = fd_eps * ||w_S|| (fd_eps itself where ||w_S|| = 0). Under bf16/fp16 autocast a
+    difference of two low-precision gradients is mostly rounding noise (0.3 to 1.0 relative error at any step
+    size, benchmarks/fd_error.py): there it is a central difference of two float32 passes.
+    """
+    model, plan, cfg, alphas, scale = step.model, step.plan, step.cfg, step.alphas, step.scale
+    s_idx = plan.s_index
     s_names = [plan.names[k] for k in s_idx]
     w_s = [plan.params[k] for k in s_idx]
-    with torch.no_grad():
-        w_prime = _inner_step(w_s, [g_i[k] for k in s_idx], alphas, scale, out=plan.leaves_like(w_s))
-    with _frozen_running_stats(model, bn_first), _at(model, dict(zip(s_names, w_prime))) as at_w_prime:
-        loss_j = _call_loss(loss_fn, at_w_prime, task_j, "task_j")
-    g_j = _grad(loss_j, _replace(plan.params, s_idx, w_prime), scale)  # g_j' = grad L_j(w'), all params
-    g_j_s = [g_j[k] for k in s_idx]
-
-    # Under bf16/fp16 autocast a difference of two low-precision gradients is mostly rounding noise
-    # (measured: 0.3 to 1.0 relative error at any step size, benchmarks/fd_error.py); there the
-    # Hessian-vector product is taken as a central difference of two float32 passes instead.
-    device = w_s[0].device.type
-    low_precision = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16,
-                                                                                            torch.bfloat16)
     scheme = "central" if low_precision else cfg.fd_scheme
     with torch.no_grad():
-        # v = alpha P_S g_j' (unscaled), never formed; r so that ||r v|| = fd_eps ||w_S||
         eps = cfg.fd_eps or _FD_EPS[scheme].get(w_s[0].dtype, _FD_EPS[scheme][torch.float32])
-        g_j_norms = _norms(g_j_s)
-        v_norm = (g_j_norms * torch.tensor([a / scale for a in alphas], device=g_j_norms.device)).norm()
-        r = float(eps * _norms(w_s).norm() / v_norm.clamp_min(1e-30))  # one sync; fused adds below
+        w_norm = _norms(w_s).norm()
+        v_norm = (_norms(v_dir) * torch.tensor([a / scale for a in alphas], device=w_norm.device)).norm()
+        reference = torch.where(w_norm > 0, w_norm, torch.ones_like(w_norm))
+        r = float(eps * reference / v_norm.clamp_min(1e-30))          # one sync; fused adds below
+    device = w_s[0].device.type
+    devices = rng_devices(plan.params)
 
     def g_i_at(sign: float) -> list[torch.Tensor]:
-        """grad L_i at w + sign r v: task i's pass replayed, running statistics untouched."""
-        shifted = _inner_step(w_s, g_j_s, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
+        """grad L_i at w + sign r v."""
+        shifted = _inner_step(w_s, v_dir, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
         full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
-        with _replayed_rng(rng_i, devices), _frozen_running_stats(model), full_precision, \
-                _at(model, dict(zip(s_names, shifted))) as at_shifted:
-            loss = _call_loss(loss_fn, at_shifted, task_i, "task_i")
-        return _grad(loss, _replace(plan.params, s_idx, shifted), scale)
+        with replayed_rng(rng_i, devices), frozen_running_stats(model), full_precision, \
+                evaluated_at(model, dict(zip(s_names, shifted))) as at_shifted:
+            loss = step.loss(at_shifted, task_i, "task_i")
+        return step.grad(loss, _replace(plan.params, s_idx, shifted))
 
-    g_i_s = [g_i[k].detach() for k in s_idx]
-    cosine = _dot(g_i_s, g_j_s) / (_norms(g_i_s).norm() * g_j_norms.norm()).clamp_min(1e-30)
     g_plus = g_i_at(+1.0)
     g_minus = g_i_at(-1.0) if scheme == "central" else g_i
     torch._foreach_sub_(g_plus, g_minus)                             # r H_i v (2 r H_i v if central)
-    torch._foreach_add_(g_j, g_plus, alpha=-1 / (2 * r if scheme == "central" else r))  # g_j' - H_i v
-    torch._foreach_lerp_(g_i, g_j, cfg.gamma)                        # (1-gamma) g_i + gamma (g_j' - H_i v)
+    torch._foreach_mul_(g_plus, 1 / (2 * r if scheme == "central" else r))
+    return g_plus
+
+
+def _finite_difference(step: _Step, task_i, task_j):
+    model, plan = step.model, step.plan
+    rng_i = rng_state(rng_devices(plan.params))                      # to replay task i's dropout masks
+    loss_i = step.loss(model, task_i, "task_i")
+    g_i = step.grad(loss_i, plan.params)
+    s_idx = plan.s_index
+    s_names = [plan.names[k] for k in s_idx]
+    w_s = [plan.params[k] for k in s_idx]
+    g_i_s = [g_i[k] for k in s_idx]
+    alphas = step.inner_step_sizes(g_i_s)
+    with torch.no_grad():
+        w_prime = _inner_step(w_s, g_i_s, alphas, step.scale, out=plan.leaves_like(w_s))
+    with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(s_names, w_prime))) as at_w:
+        loss_j = step.loss(at_w, task_j, "task_j")
+    g_j = step.grad(loss_j, _replace(plan.params, s_idx, w_prime))  # g_j' = grad L_j(w'), all params
+    g_j_s = [g_j[k] for k in s_idx]
+    cosine = _cosine(g_i_s, g_j_s)
+    device = w_s[0].device.type
+    low_precision = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16,
+                                                                                            torch.bfloat16)
+    h_i_v = _hessian_vector_product(step, task_i, rng_i, g_i, g_j_s, low_precision)   # v = alpha P_S g_j'
+    torch._foreach_sub_(g_j, h_i_v)                                  # g_j' - H_i v
+    torch._foreach_lerp_(g_i, g_j, step.cfg.gamma)                   # (1-gamma) g_i + gamma (g_j' - H_i v)
     return g_i, loss_i, loss_j, cosine
-
-
-def _second_order_for(model, plan, cfg) -> str:
-    if cfg.variant == "none" or not any(plan.in_s):
-        return "none"
-    if cfg.variant == "fo":
-        return "first"
-    if cfg.second_order == "auto":
-        return _auto_choice.get(model, "auto")
-    return cfg.second_order
 
 
 _METHODS = {"none": _none, "first": _first_order, "exact": _exact, "fd": _finite_difference}
 
 
+def _method_for(model: nn.Module, plan: _Plan, cfg: MLTPConfig) -> str:
+    if cfg.variant == "none" or not any(plan.in_s):
+        return "none"
+    if cfg.variant == "fo":
+        return "first"
+    if cfg.second_order == "auto":
+        return plan.auto.get(_auto_key(plan), "auto")
+    return cfg.second_order
+
+
+def _auto_key(plan: _Plan) -> tuple:
+    p = plan.params[plan.s_index[0]]
+    return p.device, p.dtype
+
+
 def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any], torch.Tensor],
-                  cfg: MLTPConfig, alpha: float | Mapping[str, float], loss_scale: float | torch.Tensor = 1.0) -> MLTPStats:
+                  cfg: MLTPConfig, alpha: Alpha, loss_scale: float = 1.0) -> MLTPStats:
     """Accumulate grad L_MLTP into `.grad` of every trainable parameter of `model` and return the step's stats.
 
     loss_fn(module, batch) -> scalar loss. It is called with `model` for task i and, for task j, with the
-    same module with its parameters swapped for w' (any use of it sees w'). `alpha` is a float or
-    {parameter name: float} (see `alpha_from_optimizer`). `loss_scale` multiplies the accumulated gradients as
-    `scaler.scale(loss).backward()` would (fp16); the inner step always uses the unscaled gradient.
+    same module with its parameters swapped for w' (any use of it sees w'). `alpha` is a float, {parameter
+    name: float} (see `alpha_from_optimizer`), or a rule (timm_mltp.inner_step) called with the norms of
+    P_S g_i and w_S. `loss_scale` multiplies the accumulated gradients as `scaler.scale(loss).backward()`
+    would (fp16); the inner step always uses the unscaled gradient.
     """
     if not isinstance(cfg, MLTPConfig):
         raise MLTPConfigError(f"cfg must be an MLTPConfig, got {type(cfg).__name__}")
     plan = _plan(model, cfg.variant)
-    alphas = _alphas(alpha, plan)
-    bn_first = cfg.bn_update == "first"
-    method = _second_order_for(model, plan, cfg)
+    step = _Step(model, plan, loss_fn, cfg, alpha, float(loss_scale))   # one sync if a tensor, not one per tensor
+    if not callable(alpha):
+        _alphas(alpha, [plan.names[k] for k in plan.s_index])         # bad alpha: an error before any pass
+    method = _method_for(model, plan, cfg)
     with torch.enable_grad():
         if method == "auto":
-            grads, loss_i, loss_j, cosine, method = _probe_exact(model, plan, task_i, task_j, loss_fn, cfg,
-                                                                 alphas, loss_scale, bn_first)
+            grads, loss_i, loss_j, cosine, method = _auto(step, task_i, task_j)
         else:
             try:
-                grads, loss_i, loss_j, cosine = _METHODS[method](model, plan, task_i, task_j, loss_fn, cfg,
-                                                                 alphas, loss_scale, bn_first)
+                grads, loss_i, loss_j, cosine = _METHODS[method](step, task_i, task_j)
             except (RuntimeError, NotImplementedError) as e:
-                if method == "exact" and _is_double_backward_error(e):
+                if method == "exact" and is_double_backward_error(e):
                     raise MLTPConfigError(f"second_order='exact' needs double backward, which {type(model).__name__} "
                                           f"does not support ({_first_line(e)}). Use second_order='fd' or 'auto'.") from e
                 raise
@@ -389,101 +440,57 @@ def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any]
         else:
             p.grad.add_(g)
     loss = (1 - cfg.gamma) * loss_i.detach() + cfg.gamma * loss_j.detach()
-    s_numel = [p.numel() for p, s in zip(plan.params, plan.in_s) if s]
-    mean_alpha = sum(a * n for a, n in zip(alphas, s_numel)) / sum(s_numel) if s_numel else 0.0
+    s_numel = [plan.params[k].numel() for k in plan.s_index]
+    mean_alpha = sum(a * n for a, n in zip(step.alphas, s_numel)) / sum(s_numel) if step.alphas else 0.0
     values = torch.stack([loss.double(), loss_i.detach().double(), loss_j.detach().double(),
                           cosine.double().to(loss.device)]).tolist()  # one device sync per step
-    return MLTPStats(*values, alpha=mean_alpha, second_order=method)
+    return MLTPStats(*values, alpha=mean_alpha, inner_step=step.inner_step, relative_step=step.relative_step,
+                     second_order=method)
 
 
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _is_double_backward_error(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, NotImplementedError) or any(k in text for k in (
-        "derivative for", "not implemented", "double backward", "does not support", "not supported",
-        "does not require grad", "backward through the graph a second time", "_backward"))
+# what autograd says when an operation has no double backward, and nothing else
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"derivative for .+ is not implemented"
+    r"|double backward"
+    r"|differentiate twice"                      # autograd.Function marked @once_differentiable
+    r"|does not support (higher order|second order|double) (gradients|derivatives|backward)",
+    re.IGNORECASE)
 
 
-def _probe_exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first):
-    """`auto`, first call for this model: try double backward; where it fails, settle on fd for good."""
-    devices = _rng_devices(plan.params)
-    rng, buffers = _rng_state(devices), {n: b.detach().clone() for n, b in model.named_buffers()}
+def is_double_backward_error(e: BaseException) -> bool:
+    """Whether an error from a double-backward pass means "this operation has no double backward"."""
+    return isinstance(e, (RuntimeError, NotImplementedError)) and bool(_NO_DOUBLE_BACKWARD.search(str(e)))
+
+
+def _auto(step: _Step, task_i, task_j):
+    """`auto`, first call for this model, selection, device and dtype: try double backward; where it fails
+    (and only for lack of a double backward), settle on fd for good."""
+    model, plan = step.model, step.plan
     try:
-        result = _exact(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first)
-        _auto_choice[model] = "exact"
+        with undone_on_error(model, rng_devices(plan.params)):
+            result = _exact(step, task_i, task_j)
+        plan.auto[_auto_key(plan)] = "exact"
         _logger.info("MLTP second order for %s: exact (double backward)", type(model).__name__)
         return (*result, "exact")
     except (RuntimeError, NotImplementedError) as e:
-        if not _is_double_backward_error(e):
+        if not is_double_backward_error(e):
             raise
         _logger.warning("MLTP second order for %s: fd (finite differences), since double backward fails: %s",
                         type(model).__name__, _first_line(e))
-    # undo the failed attempt's side effects (running statistics, random state) so the step is a plain fd
-    # step; nothing reached .grad, since gradients go through autograd.grad and are accumulated at the end
-    with torch.no_grad():
-        for n, b in model.named_buffers():
-            b.copy_(buffers[n])
-    _set_rng_state(rng, devices)
-    _auto_choice[model] = "fd"
-    return (*_finite_difference(model, plan, task_i, task_j, loss_fn, cfg, alphas, scale, bn_first), "fd")
+    # the failed attempt left no trace (buffers and random state restored; nothing reached .grad, since
+    # gradients go through autograd.grad and are accumulated at the end): this is a plain fd step
+    plan.auto[_auto_key(plan)] = "fd"
+    return (*_finite_difference(step, task_i, task_j), "fd")
 
 
 def second_order_in_use(model: nn.Module, cfg: MLTPConfig) -> str:
-    """What `auto` settled on for this model (after its first step), else what cfg asks for."""
-    return _second_order_for(model, _plan(model, cfg.variant), cfg)
+    """What `auto` settled on for this model and selection (after its first step), else what cfg asks for."""
+    return _method_for(model, _plan(model, cfg.variant), cfg)
 
 
-def split_tasks(batch):
-    """Split one loader batch of 2B samples into task i (first half) and task j (second half).
-
-    Works on tensors and on tuples, lists and dicts of them (BatchEncoding included); other
-    values (strings, None) are passed to both tasks unchanged.
-    """
-    sizes = set()
-
-    def collect(x):
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            sizes.add(x.shape[0])
-        elif isinstance(x, Mapping):
-            for v in x.values():
-                collect(v)
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                collect(v)
-
-    collect(batch)
-    if len(sizes) != 1:
-        raise MLTPConfigError(f"cannot split the batch into two tasks: its tensors have "
-                              f"{'no batch dimension' if not sizes else f'different batch sizes {sorted(sizes)}'}")
-    size = sizes.pop()
-    if size < 2 or size % 2:
-        raise MLTPConfigError(f"cannot split a batch of {size} samples into two equal tasks: MLTP needs an even "
-                              f"batch of 2B samples (B per task); set the loader's batch size to twice the task size "
-                              f"and drop_last=True")
-    half = size // 2
-
-    def take(x, sl):
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return x[sl]
-        if isinstance(x, Mapping):
-            return _same_mapping_type(x, {k: take(v, sl) for k, v in x.items()})
-        if isinstance(x, tuple) and hasattr(x, "_fields"):
-            return type(x)(*(take(v, sl) for v in x))
-        if isinstance(x, (tuple, list)):
-            return type(x)(take(v, sl) for v in x)
-        return x
-
-    return take(batch, slice(0, half)), take(batch, slice(half, size))
-
-
-def _same_mapping_type(original: Mapping, items: dict) -> Mapping:
-    """A dict subclass such as transformers' BatchEncoding stays one where its constructor takes a dict."""
-    if type(original) is dict:
-        return items
-    try:
-        return type(original)(items)
-    except TypeError:
-        return items
+__all__ = ["ALPHA_RULES", "MLTPConfig", "MLTPStats", "alpha_from_optimizer", "is_double_backward_error",
+           "mltp_backward", "second_order_in_use", "split_tasks"]

@@ -1,7 +1,7 @@
 """MLTP as a drop-in `transformers.Trainer`: change two names in a training script and it trains with MLTP.
 
     args = MLTPTrainingArguments(output_dir="out", per_device_train_batch_size=32, learning_rate=3e-4,
-                                 mltp_variant="fc", mltp_gamma=0.5, mltp_alpha_scale=10.0)
+                                 mltp_variant="fc", mltp_gamma=0.5)
     trainer = MLTPTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
 
 Batches. `per_device_train_batch_size` is B, the size of one task. The train loader yields 2B samples per
@@ -11,8 +11,9 @@ its first half, task j its second (SPEC.md, Batches). An optimizer step therefor
 Trainer with the same batch size. Sampler sharding, epoch counting and checkpoint resume are the Trainer's own,
 since they count loader batches.
 
-The gradient of one pair is the core's `mltp_backward`; the Trainer's `loss.backward()` is replaced by it in
-`training_step`, everything else (clipping, optimizer and scheduler steps, logging, saving) is the Trainer's.
+The gradient of one pair comes from `MLTPStep` (the sequence the recipe's loop runs too); the Trainer's
+`loss.backward()` is replaced by it in `training_step`, everything else (clipping, optimizer and scheduler
+steps, logging, saving) is the Trainer's.
 """
 from __future__ import annotations
 
@@ -20,24 +21,26 @@ import contextlib
 import inspect
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from .accelerate_utils import mltp_autocast
-from .distributed import average_gradients, broadcast_buffers
 from .errors import MLTPConfigError
-from .mltp import MLTPConfig, alpha_from_optimizer, mltp_backward, split_tasks
+from .mltp import MLTPConfig
 from .selection import select_parameters, summarize_selection
+from .step import MLTPStep
+from .tasks import even_batch
 
 __all__ = ["MLTPTrainer", "MLTPTrainingArguments"]
 
 _logger = logging.getLogger("timm_mltp")
 
 # MLTPStats fields logged as mltp_<name>, averaged over each logging interval
-_LOGGED = ("loss_i", "loss_j", "grad_cosine", "alpha")
+_LOGGED = ("loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio")
+_INNER_STEP_FILE = "mltp_inner_step.pt"   # the alpha rule's state, beside the optimizer's in a checkpoint
 
 
 @dataclass
@@ -48,31 +51,33 @@ class MLTPTrainingArguments(TrainingArguments):
         "Parameters the inner step moves: none | full | conv | fc | fo | head, or comma-separated glob patterns "
         "over parameter names such as 'layer4.*,fc.*'.")})
     mltp_gamma: float = field(default=0.5, metadata={"help": "Weight of task j in (0, 1]."})
-    mltp_alpha: float | None = field(default=None, metadata={"help": (
-        "Fixed inner step size. None: follow the optimizer's current learning rate times mltp_alpha_scale.")})
+    mltp_alpha_rule: str | None = field(default=None, metadata={"help": (
+        "How the inner step size alpha is chosen each step: optimizer | lr | fixed | clip | update | relative (README). "
+        "None: 'fixed' when mltp_alpha is given, else the default rule.")})
+    mltp_alpha: float | None = field(default=None, metadata={"help": "Rule 'fixed': the inner step size."})
     mltp_alpha_scale: float = field(default=1.0, metadata={"help": (
-        "alpha = learning rate * mltp_alpha_scale when mltp_alpha is None. Adaptive optimizers (AdamW) take steps "
-        "far larger than lr * gradient and want 10 to 100.")})
+        "Rules lr, clip, update: multiplies the inner step they give.")})
+    mltp_relative_step: float = field(default=1e-3, metadata={"help": (
+        "Rule relative: the inner step's length relative to the weights of S, ||alpha P_S g_i|| / ||w_S||.")})
     mltp_second_order: str = field(default="auto", metadata={"help": (
         "auto | exact (double backward) | fd (finite differences, for kernels without double backward).")})
     mltp_bn_update: str = field(default="both", metadata={"help": (
         "BatchNorm running statistics: updated by both passes, or by the first (task i) only.")})
 
     def __post_init__(self):
-        self.mltp_config  # noqa: B018 -- MLTPConfig validates variant, gamma, second_order and bn_update
-        for name, value, allow_none in (("mltp_alpha", self.mltp_alpha, True),
-                                        ("mltp_alpha_scale", self.mltp_alpha_scale, False)):
-            if value is None and allow_none:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise MLTPConfigError(f"{name} must be a finite number >= 0{' or None' if allow_none else ''}, "
-                                      f"got {value!r}")
+        self.mltp_config  # noqa: B018 -- MLTPConfig checks every mltp_* field
+        if self.train_sampling_strategy == "batch_rebalance":
+            raise MLTPConfigError("train_sampling_strategy='batch_rebalance' builds batches of B samples, but MLTP "
+                                  "needs each loader batch to hold 2B (task i and task j); use 'random', "
+                                  "'sequential' or 'group_by_length'")
         super().__post_init__()
 
     @property
     def mltp_config(self) -> MLTPConfig:
+        rule = self.mltp_alpha_rule or ("fixed" if self.mltp_alpha is not None else MLTPConfig.alpha_rule)
         return MLTPConfig(variant=self.mltp_variant, gamma=self.mltp_gamma, second_order=self.mltp_second_order,
-                          bn_update=self.mltp_bn_update)
+                          bn_update=self.mltp_bn_update, alpha_rule=rule, alpha=self.mltp_alpha,
+                          alpha_scale=self.mltp_alpha_scale, relative_step=self.mltp_relative_step)
 
 
 def _returns_loss(model: torch.nn.Module) -> bool:
@@ -126,7 +131,9 @@ class MLTPTrainer(Trainer):
         if self._plain_module:
             # prediction_step looks for these in the batch; nothing in forward's signature names them
             self.label_names = list(args.label_names or ["labels"])
-        self._mltp_sums = [0.0] * (len(_LOGGED) + 1)  # sums of the logged stats over the interval, and the count
+        self._mltp_sums = [0.0] * (2 * len(_LOGGED))  # sums of the logged stats over the interval, and counts
+        self._mltp_step: MLTPStep | None = None   # built with the optimizer, at the first step
+        self._inner_step_state: dict | None = None  # restored from a checkpoint before the first step
 
     # ---- batches: the loader yields both tasks of a step
 
@@ -162,30 +169,48 @@ class MLTPTrainer(Trainer):
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers
             self.optimizer.train()
-        task_i, task_j = split_tasks(self._prepare_inputs(inputs))
-        # what the Trainer's backward does to the loss: divide by the accumulation steps, scale for fp16
+        step = self._step()
+        batch = even_batch(self._prepare_inputs(inputs))   # an IterableDataset's last batch may be odd
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        scaler = self.accelerator.scaler
-        loss_scale = (scaler.scale(torch.ones((), device=self.args.device)) if scaler is not None else 1.0) / steps
-        # self.model, not the DDP-wrapped `model`: no forward through DDP, no reducer, no gradient hooks
-        with self.compute_loss_context_manager(), mltp_autocast(self.accelerator, self.model):
-            stats = mltp_backward(self.model, task_i, task_j, self._task_loss, self._mltp_config, self._alpha(),
-                                  loss_scale=loss_scale)
-        values = [stats[name] for name in _LOGGED]
-        if all(map(math.isfinite, values)) or not self.args.logging_nan_inf_filter:  # fp16 overflow: as for "loss"
-            self._mltp_sums = [total + v for total, v in zip(self._mltp_sums, values + [1])]
+        stats = None
+        if batch is not None:
+            with self.compute_loss_context_manager():
+                stats = step.pair(batch, accumulation_steps=steps)
+            self._log_stats(stats)
         if self.accelerator.sync_gradients:
-            average_gradients(self.model.parameters())  # SPEC: the mean over processes of each one's MLTP gradient
-            if self.args.ddp_broadcast_buffers is not False:
-                broadcast_buffers(self.model)
-        return torch.tensor(stats.loss / steps, device=self.args.device)
+            step.sync()   # a skipped step: the Trainer's optimizer.step() then changes nothing (module docstring)
+        return torch.tensor(stats.loss / steps if stats else 0.0, device=self.args.device)
 
-    def _alpha(self):
-        if self.args.mltp_alpha is not None:
-            return self.args.mltp_alpha
-        # read every step, so alpha follows warmup and decay
-        return alpha_from_optimizer(self.model, self.optimizer, self.args.mltp_alpha_scale)
+    def _step(self) -> MLTPStep:
+        # self.model, not the DDP-wrapped model: no forward through DDP, no reducer, no gradient hooks
+        if self._mltp_step is None or self._mltp_step.inner_step.optimizer is not self.optimizer:
+            self._mltp_step = MLTPStep(self.accelerator, self.model, self.optimizer, self._mltp_config,
+                                       self._task_loss, max_grad_norm=self.args.max_grad_norm,
+                                       broadcast_buffers=self.args.ddp_broadcast_buffers is not False)
+            if self._inner_step_state is not None:
+                self._mltp_step.inner_step.load_state_dict(self._inner_step_state)
+        return self._mltp_step
 
+    def _log_stats(self, stats) -> None:
+        for k, name in enumerate(_LOGGED):   # fp16 overflow, no update yet: left out, as the Trainer does for "loss"
+            if math.isfinite(stats[name]) or not self.args.logging_nan_inf_filter:
+                self._mltp_sums[2 * k] += stats[name]
+                self._mltp_sums[2 * k + 1] += 1
+
+    # ---- checkpoints: the alpha rule's memory (last update lengths) goes beside the optimizer's state
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self._mltp_step is not None and self.args.should_save:
+            torch.save(self._mltp_step.inner_step.state_dict(), os.path.join(output_dir, _INNER_STEP_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, _INNER_STEP_FILE) if checkpoint else None
+        if path and os.path.isfile(path):
+            self._inner_step_state = torch.load(path, weights_only=True)
+            if self._mltp_step is not None:
+                self._mltp_step.inner_step.load_state_dict(self._inner_step_state)
     def _task_loss(self, module, task):
         # a copy: compute_loss pops labels (label smoothing), and `fd` evaluates task i more than once
         return self.compute_loss(module, dict(task))
@@ -226,9 +251,8 @@ class MLTPTrainer(Trainer):
             sums = self._mltp_sums
             if self.args.world_size > 1:  # every process logs here, as for "loss"
                 sums = self.accelerator.reduce(torch.tensor(sums, device=self.args.device), reduction="sum").tolist()
-            *totals, count = sums
-            if count:
-                logs.update({f"mltp_{name}": total / count for name, total in zip(_LOGGED, totals)})
+            logs.update({f"mltp_{name}": sums[2 * k] / sums[2 * k + 1]
+                         for k, name in enumerate(_LOGGED) if sums[2 * k + 1]})
             self._mltp_sums = [0.0] * len(self._mltp_sums)
         super().log(logs, *args, **kwargs)
 

@@ -1,0 +1,146 @@
+"""The inner step size alpha (SPEC.md, The objective): a rule, turned into a number every step.
+
+    lr        alpha_g = alpha_scale * lr_g                         lr_g: the current learning rate of
+                                                                   parameter group g (warmup, decay, layer decay)
+    fixed     alpha   = alpha
+    clip      alpha_g = alpha_scale * lr_g * min(1, c / ||P_S g_i||)  c: the outer step's max gradient norm, so
+                                                                   the inner step is clipped as the outer one is
+    update    alpha_g = alpha_scale * ||dw_Sg|| / ||P_Sg g_i||      dw_Sg: the last actual update of S in group g
+                                                                   (after clipping, momentum, Adam's scaling);
+                                                                   rule `clip` until the first update
+    relative  alpha   = relative_step * ||w_S|| / ||P_S g_i||        a fixed relative length of the inner step
+    optimizer (default) per group: `update` where the optimizer is adaptive (Adam, AdamW, LAMB, RMSprop, ...:
+              groups with `betas` or `eps`), whose one-step length momentum does not inflate; `clip`
+              elsewhere (SGD), where the last update is mostly momentum, up to 1/(1-momentum) times one step
+
+alpha is a constant of the step: it is computed from detached norms, no gradient flows through it.
+Every rule reads the unscaled gradient of task i (fp16: the loss scale is divided out).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .mltp import MLTPConfig, alpha_from_optimizer
+from .selection import select_parameters
+
+
+class InnerStepSize:
+    """alpha for `mltp_backward`, from `cfg.alpha_rule`, the optimizer and the outer step's clipping.
+
+    Call `alpha()` before each pair's `mltp_backward`, and `before_optimizer_step()` right before the
+    optimizer steps (the `update` rule and the `update_ratio` diagnostic measure the update it takes).
+    """
+
+    def __init__(self, cfg: MLTPConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 max_grad_norm: float | None = None):
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.max_grad_norm = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
+        self.last_update: dict[int, float] = {}   # parameter group -> ||dw|| of its tensors in S, last update
+        self._before: list[torch.Tensor] | None = None   # the weights right before the optimizer step
+        self._params: list[nn.Parameter] = []          # S, as the optimizer holds it
+        self._pending = False
+        self.s_names = set(select_parameters(model, cfg.variant)) if cfg.variant != "none" else set()
+
+    # ---- the rule
+
+    def alpha(self):
+        """What `mltp_backward` takes this step: a float, {name: float}, or this object (rules on norms)."""
+        self._measure_update()
+        if self.cfg.alpha_rule == "fixed":
+            return self.cfg.alpha
+        if self.cfg.alpha_rule == "lr":
+            return alpha_from_optimizer(self.model, self.optimizer, self.cfg.alpha_scale)
+        return self
+
+    def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float]) -> dict[str, float]:
+        rule = self.cfg.alpha_rule
+        if rule == "relative":
+            g_norm = _total(grad_norms.values())
+            alpha = self.cfg.relative_step * _total(weight_norms.values()) / g_norm if g_norm > 0 else 0.0
+            return dict.fromkeys(grad_norms, alpha)
+        clipped = self._clipped_lr(grad_norms)
+        if rule == "clip" or not self.last_update:   # rules update and optimizer: clip until the first update
+            return clipped
+        group_of = self._group_of_name()
+        updated = self._as_long_as_last_update(grad_norms, group_of)
+        if rule == "update":
+            return updated
+        # rule optimizer: adaptive groups follow their last update, the others take the clipped lr step
+        adaptive = {k for k, group in enumerate(self.optimizer.param_groups) if _is_adaptive(group)}
+        return {n: updated[n] if group_of[n] in adaptive else clipped[n] for n in grad_norms}
+
+    def _clipped_lr(self, grad_norms: dict[str, float]) -> dict[str, float]:
+        """Rule clip: the learning rate, with the outer step's norm clipping applied to P_S g_i."""
+        g_norm = _total(grad_norms.values())
+        clip = min(1.0, self.max_grad_norm / g_norm) if self.max_grad_norm and g_norm > 0 else 1.0
+        lr = alpha_from_optimizer(self.model, self.optimizer, self.cfg.alpha_scale * clip)
+        return {name: lr[name] for name in grad_norms}
+
+    def _as_long_as_last_update(self, grad_norms: dict[str, float], group_of: dict[str, int]) -> dict[str, float]:
+        """Rule update: per parameter group, ||alpha P_Sg g_i|| = alpha_scale * ||last update of S in g||."""
+        squares: dict[int, float] = {}
+        for name, norm in grad_norms.items():
+            squares[group_of[name]] = squares.get(group_of[name], 0.0) + norm * norm
+        alpha = {k: self.cfg.alpha_scale * self.last_update.get(k, 0.0) / math.sqrt(sq) if sq > 0 else 0.0
+                 for k, sq in squares.items()}
+        return {name: alpha[group_of[name]] for name in grad_norms}
+
+    def _group_of_name(self) -> dict[str, int]:
+        group_of = {id(p): k for k, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        return {n: group_of.get(id(p), -1) for n, p in self.model.named_parameters()}
+
+    # ---- the last actual update
+
+    def before_optimizer_step(self) -> None:
+        """Keep the weights as they are now; the next `alpha()` measures the update the optimizer made."""
+        in_s = {id(p) for n, p in self.model.named_parameters() if n in self.s_names and p.requires_grad}
+        self._params = [p for group in self.optimizer.param_groups for p in group["params"] if id(p) in in_s]
+        if not self._params:
+            return
+        with torch.no_grad():
+            if self._before is None or [b.shape for b in self._before] != [p.shape for p in self._params]:
+                self._before = [p.detach().clone() for p in self._params]
+            else:
+                torch._foreach_copy_(self._before, [p.detach() for p in self._params])
+        self._pending = True
+
+    def _measure_update(self) -> None:
+        if not self._pending:
+            return
+        self._pending = False
+        with torch.no_grad():
+            deltas = torch._foreach_sub([p.detach() for p in self._params], self._before)
+            norms = torch.stack(torch._foreach_norm(deltas)).double().tolist()
+        group_of = {id(p): k for k, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+        squares: dict[int, float] = {}
+        for p, norm in zip(self._params, norms):
+            squares[group_of[id(p)]] = squares.get(group_of[id(p)], 0.0) + norm * norm
+        if any(squares.values()):   # a skipped step (fp16 overflow) moved nothing: keep the last real update
+            self.last_update = {k: math.sqrt(v) for k, v in squares.items()}
+
+    def update_ratio(self, inner_step: float) -> float:
+        """||alpha P_S g_i|| / ||last actual update of S||; nan before the first update."""
+        self._measure_update()
+        last = _total(self.last_update.values())
+        return inner_step / last if last > 0 else math.nan
+
+    # ---- checkpoints: the `update` rule's memory goes with the optimizer's
+
+    def state_dict(self) -> dict:
+        self._measure_update()
+        return {"alpha_rule": self.cfg.alpha_rule, "last_update": dict(self.last_update)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_update = {int(k): float(v) for k, v in state.get("last_update", {}).items()}
+
+
+def _is_adaptive(group: dict) -> bool:
+    """Whether a parameter group's optimizer scales each step itself (Adam's family, RMSprop, LAMB, ...)."""
+    return "betas" in group or "eps" in group
+
+
+def _total(norms) -> float:
+    return math.sqrt(sum(x * x for x in norms))

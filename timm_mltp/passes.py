@@ -1,0 +1,76 @@
+"""How MLTP runs one pass of the model: at other parameters, with frozen statistics, with replayed randomness.
+
+The plumbing `mltp.py` needs beside its math: evaluating the model itself at w' or w + r v (the swap
+`torch.func.functional_call` makes, held for a whole `loss_fn` call), normalising with batch statistics
+without touching running statistics, and replaying the random state of an earlier pass (same dropout masks).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+@contextlib.contextmanager
+def evaluated_at(model: nn.Module, params: dict[str, torch.Tensor]):
+    """The model itself, evaluated with some parameters replaced (w' for task j, w + r v for fd).
+
+    Held for the whole `loss_fn` call, so that `loss_fn` may use the module any way it likes
+    (`module(x)`, `module.forward_features(x)`, `module.fc`) and always sees the replaced parameters.
+    """
+    with torch.nn.utils.stateless._reparametrize_module(model, params, tie_weights=True, strict=False):
+        yield model
+
+
+@contextlib.contextmanager
+def frozen_running_stats(model: nn.Module, frozen: bool = True):
+    """Normalise with batch statistics as usual, but leave running statistics untouched."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats] if frozen else []
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def rng_devices(params: list[torch.Tensor]) -> list[int]:
+    """The CUDA devices whose random state a pass over `params` draws from."""
+    return sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+
+
+def rng_state(devices: list[int]):
+    return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def set_rng_state(state, devices: list[int]) -> None:
+    torch.set_rng_state(state[0])
+    for d, s in zip(devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+@contextlib.contextmanager
+def replayed_rng(state, devices: list[int]):
+    """Run with the random state of an earlier pass (same dropout masks), then continue as before."""
+    with torch.random.fork_rng(devices=devices):
+        set_rng_state(state, devices)
+        yield
+
+
+@contextlib.contextmanager
+def undone_on_error(model: nn.Module, devices: list[int]):
+    """Restore buffers (running statistics) and the random state when the block raises: a failed attempt
+    at one way of getting the gradient leaves no trace for the next."""
+    rng, buffers = rng_state(devices), {n: b.detach().clone() for n, b in model.named_buffers()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                if n in buffers:
+                    b.copy_(buffers[n])
+        set_rng_state(rng, devices)
+        raise
