@@ -343,6 +343,8 @@ def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, low_precisio
         v_norm = (_norms(v_dir) * torch.tensor([a / scale for a in alphas], device=w_norm.device)).norm()
         reference = torch.where(w_norm > 0, w_norm, torch.ones_like(w_norm))
         r = float(eps * reference / v_norm.clamp_min(1e-30))          # one sync; fused adds below
+    if not math.isfinite(r * max(alphas) / scale):                    # v = 0 (or underflowed): H_i v = 0
+        return [torch.zeros_like(g) for g in g_i]
     device = w_s[0].device.type
     devices = rng_devices(plan.params)
 

@@ -8,7 +8,7 @@ The recipe's loop (engine.py) and MLTPTrainer run the same sequence through this
         clip (after unscaling); optimizer.step()
     else: the step is skipped by every process, and an fp16 scaler backs off
 
-A skipped step leaves the gradients so that the loop's own `optimizer.step()` is harmless: none at all
+A skipped step restores the running statistics its passes changed, and leaves the gradients so that the loop's own `optimizer.step()` is harmless: none at all
 (the optimizer skips parameters without one), or, under an fp16 gradient scaler, non-finite ones, so that
 the scaler skips the step and lowers its scale, as PyTorch's AMP recipe does.
 """
@@ -39,6 +39,7 @@ class MLTPStep:
         self.inner_step = InnerStepSize(cfg, model, optimizer, max_grad_norm)
         self.broadcast = broadcast_buffers
         self.finite = True          # every pair of this step so far had a finite loss
+        self._buffers: dict[str, torch.Tensor] | None = None   # running statistics before this step's passes
 
     def loss_scale(self) -> float:
         """The fp16 gradient scaler's current scale (1 without one); `scaler.scale` also initialises it."""
@@ -50,6 +51,8 @@ class MLTPStep:
     def pair(self, batch, accumulation_steps: int = 1) -> MLTPStats:
         """Accumulate one loader batch's MLTP gradient, weighted 1/k, into `.grad`; return its stats."""
         task_i, task_j = split_tasks(batch)
+        if self._buffers is None:   # a skipped step must not leave the statistics of non-finite passes behind
+            self._buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         with mltp_autocast(self.accelerator, self.model):
             stats = mltp_backward(self.model, task_i, task_j, self.loss_fn, self.cfg, self.inner_step.alpha(),
                                   loss_scale=self.loss_scale() / accumulation_steps)
@@ -64,8 +67,12 @@ class MLTPStep:
             broadcast_buffers(self.model)   # BatchNorm statistics follow process 0, as with DDP
         bad = torch.tensor([0.0 if self.finite else 1.0], device=self.accelerator.device)
         skip = self.accelerator.reduce(bad, reduction="sum").item() > 0
-        self.finite = True
+        buffers, self._buffers, self.finite = self._buffers or {}, None, True
         if skip:
+            with torch.no_grad():
+                for n, b in self.model.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
             if self.accelerator.scaler is not None:
                 for p in params:            # the scaler finds inf, skips the step and backs off
                     if p.grad is not None:
