@@ -6,6 +6,7 @@ interleaved in one process, so machine noise hits them alike; medians over repea
 measured where it can be (CUDA).
 
     python benchmarks/step_cost.py                      # resnet18 and test_resnet, 32x32, B=32
+    python benchmarks/step_cost.py --models resnet50,vit_tiny_patch16_224,mobilenetv3_small_050
     python benchmarks/step_cost.py --models resnet50 --img-size 224 --batch-size 64 --device cuda
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from timm_mltp import MLTPConfig, mltp_backward
+from timm_mltp import MLTPConfig, MLTPConfigError, mltp_backward
 
 ROWS = [  # (label, config); None is standard training
     ("standard", None),
@@ -59,15 +60,26 @@ def step(model, cfg, task_i, task_j, device):
 
 def measure(name, args, device):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).to(device).train()
+    try:   # models whose weights depend on the input size (ViT position embeddings) are built at it
+        model = timm.create_model(name, num_classes=10, img_size=args.img_size)
+    except TypeError:
+        model = timm.create_model(name, num_classes=10)
+    model = model.to(device).train()
     b, s = args.batch_size, args.img_size
     task_i = (torch.randn(b, 3, s, s, device=device), torch.randint(0, 10, (b,), device=device))
     task_j = (torch.randn(b, 3, s, s, device=device), torch.randint(0, 10, (b,), device=device))
     times = {label: [] for label, _ in ROWS}
     peaks = {label: 0 for label, _ in ROWS}
+    unavailable = {}   # label -> why the row cannot run on this model (e.g. no double backward)
     for rep in range(args.warmup + args.repeats):
         for label, cfg in ROWS:
-            seconds, peak = step(model, cfg, task_i, task_j, device)
+            if label in unavailable:
+                continue
+            try:
+                seconds, peak = step(model, cfg, task_i, task_j, device)
+            except MLTPConfigError as e:
+                unavailable[label] = str(e).split(" (")[0]
+                continue
             if rep >= args.warmup:
                 times[label].append(seconds)
                 peaks[label] = max(peaks[label], peak or 0)
@@ -77,6 +89,9 @@ def measure(name, args, device):
     print("| variant | per-sample cost vs standard | ms per MLTP step (2B) |" + (" peak MiB |" if device.type == "cuda" else ""))
     print("| --- | --- | --- |" + (" --- |" if device.type == "cuda" else ""))
     for label, cfg in ROWS:
+        if label in unavailable:
+            print(f"| {label} | unavailable: {unavailable[label]} | |" + (" |" if device.type == "cuda" else ""))
+            continue
         per_sample = statistics.median(times[label]) / (b if cfg is None else 2 * b)
         row = f"| {label} | {per_sample / base:.2f}x | {1e3 * statistics.median(times[label]):.1f} |"
         if device.type == "cuda":

@@ -368,3 +368,28 @@ def test_finetune_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert "eval_accuracy" in done.stdout
     assert (tmp_path / "test_resnet.safetensors").is_file() and (tmp_path / "model.safetensors").is_file()
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A dataset without __len__ whose last loader batch is odd (27 samples in batches of 2B = 8)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_iterable_dataset_with_an_odd_last_batch_trains(tmp_path):
+    data = token_data(27)
+    rows = [{"input_ids": torch.tensor(r["input_ids"]), "attention_mask": torch.tensor(r["attention_mask"]),
+             "labels": torch.tensor(r["label"])} for r in data]
+    args = mltp_args(tmp_path, per_device_train_batch_size=4, max_steps=8, learning_rate=1e-3, logging_steps=1,
+                     mltp_variant="fc")
+    trainer = RecordingTrainer(model=tiny_bert(), args=args, train_dataset=_Stream(rows))
+    trainer.train()
+    sizes = [len(b["input_ids"]) for b in trainer.batches]
+    assert sizes[:4] == [8, 8, 8, 3] and trainer.state.global_step == 8
+    # the odd batch trained on its first 2 samples, one per task: a finite loss was logged for it
+    assert np.isfinite(training_logs(trainer)[3]["loss"]) and training_logs(trainer)[3]["loss"] > 0
+    assert all(np.isfinite(g).all() for grads in trainer.grads for g in grads.values())

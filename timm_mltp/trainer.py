@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import has_length
 
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig
@@ -142,7 +143,7 @@ class MLTPTrainer(Trainer):
         with _overridden(self, _train_batch_size=2 * self._train_batch_size), \
                 _overridden(self.args, dataloader_drop_last=True):
             loader = super().get_train_dataloader()
-        if hasattr(loader, "__len__") and len(loader) == 0:
+        if has_length(loader) and len(loader) == 0:   # (an IterableDataset has no length)
             raise MLTPConfigError(f"train_dataset is too small for one step: each process needs 2 * "
                                   f"per_device_train_batch_size = {2 * self._train_batch_size} samples "
                                   f"(task i and task j)")
