@@ -393,3 +393,16 @@ def test_iterable_dataset_with_an_odd_last_batch_trains(tmp_path):
     # the odd batch trained on its first 2 samples, one per task: a finite loss was logged for it
     assert np.isfinite(training_logs(trainer)[3]["loss"]) and training_logs(trainer)[3]["loss"] > 0
     assert all(np.isfinite(g).all() for grads in trainer.grads for g in grads.values())
+
+
+def test_the_alpha_rules_memory_goes_with_the_checkpoint(tmp_path):
+    settings = dict(per_device_train_batch_size=8, max_steps=2, save_strategy="steps", save_steps=2,
+                    learning_rate=3e-3, mltp_variant="fc")     # AdamW, the default rule: Adam's last update
+    first = MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, **settings), train_dataset=token_data(64))
+    first.train()
+    saved = torch.load(tmp_path / "checkpoint-2" / "mltp_inner_step.pt", weights_only=True)
+    assert saved == first._mltp_step.inner_step.state_dict() and saved["last_update"]
+    resumed = MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, **{**settings, "max_steps": 3}),
+                          train_dataset=token_data(64))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed._inner_step_state == saved

@@ -1,0 +1,164 @@
+"""The inner step size alpha: each rule against hand computation, through the one MLTP step (timm_mltp/step.py),
+and the rule's memory kept across a checkpoint (SPEC.md, The objective)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from timm_mltp import MLTPConfig, MLTPStep
+from timm_mltp.engine import TrainArgs, Trainer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ce(module, batch):
+    return F.cross_entropy(module(batch[0]), batch[1])
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double().train()
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+def task_i_grads(model, data):
+    """grad L_i of every parameter, by plain autograd (task i: the first half of the batch)."""
+    x, y = data
+    loss = F.cross_entropy(model(x[:4]), y[:4])
+    return dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
+
+
+def norm(tensors):
+    return math.sqrt(sum(t.pow(2).sum().item() for t in tensors))
+
+
+def two_group_sgd(model, **kwargs):
+    """Layer 0 at lr 0.2, layer 2 at lr 0.05: each group gets its own inner step."""
+    return torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.2},
+                            {"params": model[2].parameters(), "lr": 0.05}], **kwargs)
+
+
+def mltp_step(model, optimizer, max_grad_norm=None, **cfg):
+    return MLTPStep(Accelerator(cpu=True), model, optimizer, MLTPConfig(variant="full", **cfg), ce,
+                    max_grad_norm=max_grad_norm)
+
+
+def train_step(step, optimizer, data):
+    optimizer.zero_grad(set_to_none=True)
+    stats = step.pair(data)
+    assert step.sync()
+    optimizer.step()
+    return stats
+
+
+def test_rule_lr_is_each_groups_learning_rate_times_the_scale():
+    model = net()
+    stats = mltp_step(model, two_group_sgd(model), alpha_rule="lr", alpha_scale=2.0).pair(batch())
+    n0, n2 = sum(p.numel() for p in model[0].parameters()), sum(p.numel() for p in model[2].parameters())
+    assert stats.alpha == pytest.approx((0.4 * n0 + 0.1 * n2) / (n0 + n2), rel=1e-12)
+    g = task_i_grads(net(), batch())
+    expected = math.hypot(0.4 * norm([g["0.weight"], g["0.bias"]]), 0.1 * norm([g["2.weight"], g["2.bias"]]))
+    assert stats.inner_step == pytest.approx(expected, rel=1e-9)
+
+
+def test_rule_fixed():
+    model = net()
+    stats = mltp_step(model, two_group_sgd(model), alpha_rule="fixed", alpha=0.03).pair(batch())
+    assert stats.alpha == 0.03
+    assert stats.inner_step == pytest.approx(0.03 * norm(task_i_grads(net(), batch()).values()), rel=1e-9)
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e-3, 1e3])
+def test_rule_clip_clips_the_inner_gradient_as_the_outer_one(max_norm):
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = mltp_step(model, opt, max_grad_norm=max_norm, alpha_rule="clip").pair(batch())
+    g_norm = norm(task_i_grads(net(), batch()).values())
+    factor = min(1.0, max_norm / g_norm) if max_norm else 1.0
+    assert stats.alpha == pytest.approx(0.1 * factor, rel=1e-9)
+    assert stats.inner_step == pytest.approx(0.1 * min(g_norm, max_norm or math.inf), rel=1e-9)
+
+
+@pytest.mark.parametrize("target", [1e-4, 3e-2])
+def test_rule_relative_holds_the_inner_steps_relative_length(target):
+    model = net()
+    step = mltp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), alpha_rule="relative",
+                     relative_step=target)
+    for seed in range(3):
+        w_norm = norm([p.detach() for p in model.parameters()])
+        stats = train_step(step, step.inner_step.optimizer, batch(seed))
+        assert stats.relative_step == pytest.approx(target, rel=1e-9)
+        assert stats.inner_step == pytest.approx(target * w_norm, rel=1e-9)
+
+
+def test_rule_update_matches_each_groups_last_update():
+    model = net()
+    opt = two_group_sgd(model, momentum=0.9)
+    step = mltp_step(model, opt, alpha_rule="update", alpha_scale=1.0)
+    first = train_step(step, opt, batch(0))
+    assert first.update_ratio != first.update_ratio            # nan: no update yet (the first step is `clip`)
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(step, opt, batch(1))
+    update = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    g = task_i_grads(model, batch(2))
+    stats = step.pair(batch(2))
+    # per group: ||alpha_g P_Sg g_i|| = ||last update of the group||
+    alpha0 = norm(update[:2]) / norm([g["0.weight"], g["0.bias"]])
+    alpha2 = norm(update[2:]) / norm([g["2.weight"], g["2.bias"]])
+    n0, n2 = sum(p.numel() for p in model[0].parameters()), sum(p.numel() for p in model[2].parameters())
+    assert stats.alpha == pytest.approx((alpha0 * n0 + alpha2 * n2) / (n0 + n2), rel=1e-9)
+    assert stats.inner_step == pytest.approx(norm(update), rel=1e-9)
+    assert stats.update_ratio == pytest.approx(1.0, rel=1e-9)
+
+
+def test_rule_optimizer_is_clip_for_sgd_and_update_for_adam():
+    model = net()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = mltp_step(model, sgd, max_grad_norm=0.01)             # the default rule
+    assert step.cfg.alpha_rule == "optimizer"
+    train_step(step, sgd, batch(0))
+    stats = step.pair(batch(1))
+    assert stats.inner_step == pytest.approx(0.1 * 0.01, rel=1e-9)   # lr x the clipped gradient; momentum aside
+    model = net()
+    adam = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = mltp_step(model, adam)
+    train_step(step, adam, batch(0))
+    stats = step.pair(batch(1))
+    assert stats.update_ratio == pytest.approx(1.0, rel=1e-9)        # as long as Adam's last step
+
+
+def test_a_skipped_step_keeps_the_last_real_update():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = mltp_step(model, opt, alpha_rule="update")
+    train_step(step, opt, batch(0))
+    train_step(step, opt, batch(1))
+    step.pair(batch(2))
+    kept = dict(step.inner_step.last_update)
+    step.sync()                                                # then the optimizer does nothing (a skipped step)
+    step.pair(batch(3))
+    assert step.inner_step.last_update == kept
+
+
+def test_the_rules_memory_is_saved_and_restored_with_a_recipe_checkpoint(tmp_path):
+    args = dict(model="test_resnet", epochs=1, batch_size=8, max_train_samples=64, workers=0, output=str(tmp_path),
+                experiment="rule", progress=False, alpha_rule="update")
+    first = Trainer(TrainArgs(**args))
+    first.fit()
+    saved = first.step.inner_step.state_dict()
+    assert saved["alpha_rule"] == "update" and saved["last_update"] and all(v > 0 for v in saved["last_update"].values())
+    resumed = Trainer(TrainArgs(**args, resume=str(tmp_path / "rule" / "last.pth.tar")))
+    assert resumed.step.inner_step.last_update == saved["last_update"]
