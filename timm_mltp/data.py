@@ -7,6 +7,7 @@
 """
 import io
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from timm_mltp.errors import MLTPConfigError
 
 __all__ = [
     "DEFAULT_DATASET", "ImageDataset", "load_image_dataset", "create_transforms",
-    "apply_transforms", "collate_image_batch", "convert_image",
+    "apply_transforms", "collate_image_batch", "convert_image", "SeededAugmentation", "mix_within_tasks",
 ]
 
 # Shipped with the package: pyproject must list `timm_mltp/data/**` as package data so that this
@@ -32,6 +33,8 @@ IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label", "class", "target")
 EVAL_SPLITS = ("validation", "test", "val")
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+# timm's dataset types other than hfds/ (timm.data.create_dataset)
+TIMM_DATASET_TYPES = ("torch", "tfds", "wds", "hfids")
 # huggingface_hub's repo id shape: optional "owner/" then a name.
 HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]{1,96}$")
 # List/LargeList are new in datasets 4 (Sequence before); getattr keeps older versions working.
@@ -56,9 +59,10 @@ def load_image_dataset(
     train_split: Optional[str] = None,
     eval_split: Optional[str] = None,
 ) -> ImageDataset:
-    """Load an image classification dataset: a Hub id, a local data folder or file, an imagefolder,
-    or a `save_to_disk` folder. `None` loads the shipped Fashion-MNIST subset (`DEFAULT_DATASET`)."""
-    source = str(DEFAULT_DATASET if name_or_path is None else name_or_path)
+    """Load an image classification dataset: a Hub id (also as timm's `hfds/ID`), a local data folder or
+    file, an imagefolder, or a `save_to_disk` folder. `None` loads the shipped Fashion-MNIST subset
+    (`DEFAULT_DATASET`)."""
+    source = _strip_timm_prefix(str(DEFAULT_DATASET if name_or_path is None else name_or_path))
     dd = _load(source)
 
     train_split = train_split or "train"
@@ -98,6 +102,18 @@ def load_image_dataset(
     else:
         num_classes, class_names = 1 + max(_max_label(source, d, label_column) for d in splits.values()), None
     return ImageDataset(splits["train"], splits.get("eval"), image_column, label_column, num_classes, class_names)
+
+
+def _strip_timm_prefix(source: str) -> str:
+    """timm names a dataset `<type>/<name>`; `hfds/` (a Hugging Face hub dataset) is what this loader reads."""
+    kind, _, name = source.partition("/")
+    if kind == "hfds" and name:
+        return name
+    if kind in TIMM_DATASET_TYPES and name and not Path(source).exists():
+        raise MLTPConfigError(
+            f"Dataset {source!r}: timm's {kind}/ datasets are read by timm's own loaders, which this recipe does "
+            f"not use; give a Hugging Face hub id (hfds/ID or ID), or a local folder or file.")
+    return source
 
 
 def _load(source: str) -> datasets.DatasetDict:
@@ -219,6 +235,7 @@ def create_transforms(model, img_size=None, is_training: bool = True, **aug) -> 
     """
     import timm.data
 
+    aug = {k: v for k, v in aug.items() if v is not None}   # None: timm's default, or the model's
     keys = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
     args = {k: aug.pop(k) for k in keys if k in aug}
     in_chans = aug.pop("in_chans", None) or getattr(model, "in_chans", None)
@@ -300,3 +317,38 @@ def collate_image_batch(examples: list) -> dict:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
     }
+
+
+class SeededAugmentation(torch.utils.data.Dataset):
+    """Random augmentation of sample n in epoch e drawn from a generator seeded by (seed, e, n).
+
+    The global random state is left as it was, so dropout draws do not depend on data loading:
+    resuming mid-epoch reproduces an uninterrupted run exactly, with any number of workers.
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample_seed = hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)         # timm's crops draw from `random`
+            try:
+                return self.dataset[int(index)]
+            finally:
+                random.setstate(python_state)
+
+
+def mix_within_tasks(mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's `Mixup` (mixup/cutmix) applied to task i and task j separately: it pairs sample k with sample
+    N-1-k of the batch it is given, so given the whole 2B batch it would mix task i into task j (SPEC.md,
+    Batches: mixing stays within each task). Returns the images and soft targets of both tasks, in order."""
+    half = len(images) // 2
+    task_i = mixup(images[:half].clone(), labels[:half])
+    task_j = mixup(images[half:].clone(), labels[half:])
+    return torch.cat([task_i[0], task_j[0]]), torch.cat([task_i[1], task_j[1]])
