@@ -112,8 +112,8 @@ class InnerStepSize:
             return
         self._pending = False
         with torch.no_grad():
-            deltas = torch._foreach_sub([p.detach() for p in self._params], self._before)
-            norms = torch.stack(torch._foreach_norm(deltas)).double().tolist()
+            torch._foreach_sub_(self._before, [p.detach() for p in self._params])   # -(the update), in place
+            norms = torch.stack(torch._foreach_norm(self._before)).double().tolist()
         group_of = {id(p): k for k, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
         squares: dict[int, float] = {}
         for p, norm in zip(self._params, norms):
