@@ -12,14 +12,6 @@ from timm_mltp import MLTPConfig, MLTPStep
 from timm_mltp.engine import TrainArgs, Trainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ce(module, batch):
     return F.cross_entropy(module(batch[0]), batch[1])
 

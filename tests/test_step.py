@@ -18,14 +18,6 @@ from timm_mltp.engine import TrainArgs, Trainer, check_distributed_type
 from timm_mltp.mltp import is_double_backward_error
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def ce(module, batch):
     x, y = batch
     return F.cross_entropy(module(x), y)

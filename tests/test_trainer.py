@@ -22,15 +22,6 @@ from timm_mltp.data import apply_transforms, collate_image_batch, create_transfo
 LOGGED = ("mltp_loss_i", "mltp_loss_j", "mltp_grad_cosine", "mltp_alpha")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose 10-100x when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- models, data, arguments
 
 def tiny_bert(dropout=0.0):
