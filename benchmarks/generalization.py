@@ -1,23 +1,32 @@
-"""Does MLTP generalise better than standard training and SAM on the same data budget? (issue 5)
+"""Where does MLTP generalise better than standard training and SAM on the same data budget? (issues 5, 11)
 
-Every run goes through the engine (timm_mltp.engine): same data, augmentation, optimizer (SGD with
-momentum), cosine schedule, task size B and epochs. Each optimizer step consumes 2B samples for every
-method: MLTP takes them as task i and task j, `none` as two batches of standard training, and SAM
-(pytorch-optimizer's, rho 0.05) as one batch of 2B taken twice (at w, then at w + e(w)).
-One row per finished run is appended to a CSV; runs already there are skipped, so the matrix can be
-filled over several sessions, and `--report` turns the CSV into docs/generalization.md and .png.
+A matrix of training runs on Fashion-MNIST per *setting* (a training regime), each method on each model and
+seed. Each optimizer step consumes 2B samples for every method: MLTP takes them as task i and task j, `none`
+as two batches of standard training, SAM as one batch of 2B taken twice (at w, then at w + e(w)).
 
-    python benchmarks/generalization.py --matrix all --jobs 2     # the full matrix, both cores (~1 h on 2 CPUs)
-    python benchmarks/generalization.py --report                  # regenerate the doc and plot from the CSV
-    python benchmarks/generalization.py --quick --csv /tmp/q.csv  # smoke test, < 1 min
+    underfit     a short run at timm's default crop (RandomResizedCrop 0.08-1 + flip), SGD lr 0.05 + cosine,
+                 gradient norm clipped at 1.0, through two paths: `engine` (timm_mltp.engine.Trainer, the
+                 recipe) and `hf-trainer` (MLTPTrainer on a TimmWrapperForImageClassification, HF defaults)
+    overfit      2,000 and 10,000 training images, trained until the training loss is near zero
+    timm-recipe  the recipe with RandAugment, random erasing, mixup/cutmix, label smoothing and EMA
+    short        issue 5's study (4 epochs, 20,000 images, no clipping, alpha = lr), kept for its rows
 
-Benchmark-only dependencies: pytorch-optimizer (SAM) and matplotlib (the plot).
+One row per finished run is appended to a CSV; runs already there are skipped, so a matrix can be filled over
+several sessions, and `--report` turns the CSV into docs/generalization.md and .png.
+
+    python benchmarks/generalization.py --setting underfit --jobs 2       # one setting's matrix, both cores
+    python benchmarks/generalization.py --setting overfit --alpha-rule lr --jobs 2   # another inner-step rule
+    python benchmarks/generalization.py --report                          # regenerate the doc and plot
+    python benchmarks/generalization.py --quick --csv /tmp/q.csv          # smoke test, < 1 min
+
+Benchmark-only dependency: matplotlib (the plot).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import functools
 import importlib.util
 import math
 import multiprocessing
@@ -27,103 +36,197 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import timm  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from timm_mltp.distributed import average_gradients  # noqa: E402
+from timm_mltp.accelerate_utils import mltp_autocast  # noqa: E402
+from timm_mltp.data import apply_transforms, collate_image_batch, create_transforms, load_image_dataset  # noqa: E402
 from timm_mltp.engine import TrainArgs, Trainer  # noqa: E402
 from timm_mltp.errors import MLTPConfigError  # noqa: E402
+from timm_mltp.mltp import ALPHA_RULES, MLTPConfig, MLTPStats  # noqa: E402
 from timm_mltp.passes import frozen_running_stats as _frozen_running_stats  # noqa: E402
+from timm_mltp.selection import select_parameters  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_CSV = ROOT / "benchmarks" / "results" / "generalization.csv"
 QUICK_CSV = ROOT / "output" / "generalization-quick.csv"
 DOC = ROOT / "docs" / "generalization.md"
 FULL_DATA = ROOT / "data" / "fashion-mnist-full"
-# the IDX files: shared/ lies next to the checkout (also in CI's fresh clone), then the usual places
-SOURCES = [ROOT.parent / "shared" / "data" / "fashion-mnist", Path("/work/shared/data/fashion-mnist"),
-           Path("/usr/share/datasets/fashion-mnist")]
 
 METHODS = ("none", "fo", "fc", "conv", "full", "sam")
+BASELINES = ("none", "sam")                    # no inner step: their alpha_rule is "-"
+PATHS = ("engine", "hf-trainer")
 MODELS = ("test_resnet", "test_convnext")      # a BatchNorm ResNet and a LayerNorm ConvNeXt, random init
 SEEDS = (0, 1, 2)
-EPOCHS = 4
-TRAIN_SAMPLES = 20_000
+DEFAULT_RULE = MLTPConfig.alpha_rule           # what a user gets without choosing
 SENSITIVITY_METHOD = "full"
 GAMMAS = (0.25, 0.5, 0.75)
-ALPHA_SCALES = (0.25, 1.0, 4.0)                # alpha = lr x alpha_scale; a factor 4 each way of the default
+ALPHA_SCALES = (0.25, 1.0, 4.0)                # a factor 4 each way of the default
 DEFAULT_GAMMA, DEFAULT_ALPHA_SCALE = 0.5, 1.0
 BATCH_SIZE, LR = 64, 0.05                      # B per task: 128 samples per optimizer step
+IMG_SIZE, HFLIP = 32, 0.5                      # 28x28 upsampled; the models' own default (160) would cost 25x more
 SAM_RHO = 0.05                                 # SAM's default radius (Foret et al. 2021)
-QUICK = dict(methods=("none", "sam"), models=("test_convnext",), seeds=(0,), epochs=1, train_samples=256)
+UNDERFIT_EPOCHS = 4
+OVERFIT_EPOCHS = 20                            # 2k and 10k images: enough for the training loss to approach zero
+RECIPE_EPOCHS = 20
 
-COLUMNS = ["device", "method", "model", "seed", "epochs", "train_samples", "samples_seen", "optimizer_steps",
-           "wall_seconds", "final_top1", "best_top1", "test_loss", "final_train_loss", "mean_grad_cosine",
-           "gamma", "alpha_scale", "batch_size", "lr"]
-KEY_TYPES = {"device": str, "method": str, "model": str, "seed": int, "epochs": int, "train_samples": int,
-             "gamma": float, "alpha_scale": float}
+# timm's usual regularisers, as train.py names them (the engine's TrainArgs takes the same names)
+TIMM_RECIPE = {"aa": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.2, "cutmix": 1.0, "smoothing": 0.1,
+               "model_ema": True, "model_ema_decay": 0.999, "model_ema_warmup": True}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A training regime: what every run of the setting shares."""
+
+    epochs: int
+    train_samples: tuple[int, ...]      # one group of runs per training-set size
+    scale: tuple[float, float]          # RandomResizedCrop's area range
+    clip_grad: float | None             # the outer step's gradient norm clipping
+    paths: tuple[str, ...] = ("engine",)
+    recipe: dict = field(default_factory=dict)   # further TrainArgs options
+    about: str = ""                     # the setting in one paragraph, for the report
+
+
+SETTINGS = {
+    "underfit": Setting(
+        UNDERFIT_EPOCHS, (20_000,), (0.08, 1.0), 1.0, PATHS,
+        about=f"A short run at timm's default training crop (RandomResizedCrop with area scale 0.08-1, flip), "
+              f"SGD lr {LR} with a cosine schedule, {UNDERFIT_EPOCHS} epochs, gradient norm clipped at 1.0 (the "
+              f"Hugging Face Trainer's default `max_grad_norm`): issue 11's report, where MLTP with alpha = lr "
+              f"lost 10 to 40 points. Path `engine` is the recipe (`--clip-grad 1`, SGD momentum 0.9, weight "
+              f"decay 5e-4); path `hf-trainer` is `MLTPTrainer` on a `TimmWrapperForImageClassification` built "
+              f"from its config, fed as Hugging Face's image-classification example feeds it, at the "
+              f"Trainer's defaults otherwise (`optim='sgd'`: no momentum, no weight decay)."),
+    "overfit": Setting(
+        OVERFIT_EPOCHS, (2_000, 10_000), (0.8, 1.0), None,
+        about=f"Small training sets, {OVERFIT_EPOCHS} epochs, light augmentation (RandomResizedCrop 0.8-1, flip), "
+              f"no clipping: the training loss approaches zero (column `train loss`) and the network overfits, "
+              f"the regime of the paper's CIFAR results, where regularisers such as SAM help."),
+    "timm-recipe": Setting(
+        RECIPE_EPOCHS, (10_000,), (0.08, 1.0), None, recipe=TIMM_RECIPE,
+        about="The recipe with the regularisers a timm user combines: "
+              + ", ".join(f"`{k}` {v}" for k, v in TIMM_RECIPE.items())
+              + f"; RandomResizedCrop 0.08-1, flip, {RECIPE_EPOCHS} epochs, no clipping. Mixup and cutmix mix "
+                f"within each task. With EMA on, the engine reports (and this study records) the EMA weights' "
+                f"top-1, as timm does."),
+    "short": Setting(
+        4, (20_000,), (0.8, 1.0), None,
+        about="Issue 5's study: 4 epochs, RandomResizedCrop 0.8-1 and flip, no clipping, MLTP with alpha = lr "
+              "x alpha_scale (rule `lr`), plus a gamma x alpha_scale grid. Rows written before the CSV had a "
+              "`setting` column are this setting's."),
+}
+
+QUICK = dict(setting="underfit", methods=("none", "fo", "sam"), models=("test_convnext",), seeds=(0,), epochs=1,
+             train_samples=256)
+
+COLUMNS = ["device", "setting", "path", "method", "model", "seed", "epochs", "train_samples", "alpha_rule",
+           "samples_seen", "optimizer_steps", "wall_seconds", "final_top1", "best_top1", "test_loss",
+           "final_train_loss", "mean_grad_cosine", "mean_relative_step", "mean_update_ratio", "gamma", "alpha_scale",
+           "batch_size", "lr"]
+TEXT_COLUMNS = ("device", "setting", "path", "method", "model", "alpha_rule")
+KEY_TYPES = {"device": str, "setting": str, "path": str, "method": str, "model": str, "seed": int, "epochs": int,
+             "train_samples": int, "alpha_rule": str, "gamma": float, "alpha_scale": float}
 
 
 @dataclass(frozen=True)
 class Run:
+    setting: str
+    path: str
     method: str
     model: str
     seed: int
     epochs: int
     train_samples: int
+    alpha_rule: str                     # "-" for none and sam
     gamma: float = DEFAULT_GAMMA
     alpha_scale: float = DEFAULT_ALPHA_SCALE
 
 
-# ---- SAM through the engine -----------------------------------------------------------------------
+# ---- SAM, for both paths ----------------------------------------------------------------------------
+
+class SAMStep:
+    """SAM's gradient (Foret et al. 2021, Algorithm 1) in place of MLTP's, in the loops written around
+    `MLTPStep` (the engine's and MLTPTrainer's): both tasks form one batch of 2B. Syncing, clipping, the
+    optimizer and the schedule stay the loop's, so a SAM run differs from `none` in the gradient alone."""
+
+    def __init__(self, step, rho: float = SAM_RHO):
+        if step.accelerator.scaler is not None:
+            raise MLTPConfigError("SAMStep has no fp16 gradient-scaler path; use mixed_precision='bf16' or 'no'")
+        if step.accelerator.num_processes > 1:
+            raise MLTPConfigError("SAMStep runs on one process: e(w) would need the gradient averaged over "
+                                  "processes before the climb")
+        self.step, self.rho = step, rho
+        self.inner_step = step.inner_step   # the loop's checkpoints save it; SAM leaves it untouched
+
+    def _loss(self, batch) -> torch.Tensor:
+        with mltp_autocast(self.step.accelerator, self.step.model):
+            return self.step.loss_fn(self.step.model, batch)
+
+    def pair(self, batch, accumulation_steps: int = 1) -> MLTPStats:
+        params = [p for p in self.step.model.parameters() if p.requires_grad]
+        loss = self._loss(batch)
+        grads = torch.autograd.grad(loss, params)
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        climb = torch._foreach_mul(grads, self.rho / (norm.item() + 1e-12))   # e(w) = rho g / ||g||
+        with torch.no_grad():
+            torch._foreach_add_(params, climb)              # to the local maximum w + e(w)
+        try:
+            with _frozen_running_stats(self.step.model):    # BatchNorm statistics from the pass at w only
+                sharp = torch.autograd.grad(self._loss(batch), params)
+        finally:
+            with torch.no_grad():
+                torch._foreach_sub_(params, climb)          # back to w
+        for p, g in zip(params, sharp):                     # the loop's optimizer steps with the gradient at w + e(w)
+            g = g / accumulation_steps
+            p.grad = g if p.grad is None else p.grad + g
+        value = loss.item()
+        self.step.finite = self.step.finite and math.isfinite(value)
+        nan = math.nan                                      # no tasks, no inner step
+        return MLTPStats(loss=value, loss_i=nan, loss_j=nan, grad_cosine=nan, alpha=0.0, inner_step=0.0,
+                         relative_step=nan, second_order="none")
+
+    def sync(self) -> bool:
+        return self.step.sync()
+
+    def loss_scale(self) -> float:
+        return self.step.loss_scale()
+
 
 class SAMTrainer(Trainer):
-    """Sharpness-aware minimisation with everything else of an engine run: the engine's (timm's) SGD is
-    SAM's base optimizer, so the schedule, weight decay and checkpoints are the ones MLTP runs get."""
+    """An engine run whose gradient is SAM's: the engine's (timm's) SGD is SAM's base optimizer, and the data,
+    schedule, weight decay, clipping and checkpoints are the ones MLTP runs get."""
 
     def __init__(self, args: TrainArgs, rho: float = SAM_RHO):
-        from pytorch_optimizer import SAM  # benchmark-only dependency: pip install pytorch-optimizer
+        super().__init__(replace(args, variant="none"))
+        self.step = SAMStep(self.step, rho)
 
-        super().__init__(replace(args, variant="none"))  # the MLTP config is built but never used
-        if self.accelerator.scaler is not None:
-            raise MLTPConfigError("SAMTrainer has no fp16 gradient-scaler path; use mixed_precision='bf16' or 'no'")
-        engine_optimizer = self.optimizer
-        # SAM builds its base optimizer from a factory; hand it the engine's own, already scheduled one
-        self.sam = SAM(engine_optimizer.param_groups, base_optimizer=lambda *_, **__: engine_optimizer, rho=rho)
 
-    def per_sample_loss(self, batch) -> torch.Tensor:
-        with self.accelerator.autocast():
-            logits = self.module(batch["pixel_values"])
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="none", label_smoothing=self.args.smoothing)
+@functools.cache
+def hf_trainer_class(method: str):
+    """MLTPTrainer, or for `sam` the same Trainer stepping with SAM's gradient. Imported on first use:
+    transformers takes seconds to load."""
+    from timm_mltp.trainer import MLTPTrainer
 
-    def train_step(self, batch) -> dict | None:
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer.zero_grad(set_to_none=True)
-        per_sample = self.per_sample_loss(batch)        # all 2B samples as one batch
-        loss = per_sample.mean()
-        if not math.isfinite(loss.item()):
-            return None
-        loss.backward()
-        average_gradients(params)
-        self.sam.first_step(zero_grad=True)             # climb to w + e(w), e = rho g / |g|
-        with _frozen_running_stats(self.module):        # as the SAM reference: BN statistics from the pass at w only
-            self.per_sample_loss(batch).mean().backward()
-        average_gradients(params)
-        if self.args.clip_grad:
-            self.accelerator.clip_grad_norm_(params, self.args.clip_grad)
-        self.sam.second_step()                          # back to w, then SGD with the gradient taken at w + e(w)
-        self.num_updates += 1
-        self.scheduler.step_update(num_updates=self.num_updates)
-        loss_i, loss_j = per_sample.detach().view(2, -1).mean(1).tolist()
-        # no gradient cosine: SAM never takes the two halves' gradients separately
-        return {"loss": loss.item(), "loss_i": loss_i, "loss_j": loss_j, "grad_cosine": float("nan"), "alpha": 0.0}
+    if method != "sam":
+        return MLTPTrainer
+
+    class SAMMLTPTrainer(MLTPTrainer):
+        def _step(self):
+            step = super()._step()
+            if getattr(self, "_sam_step", None) is None or self._sam_step.step is not step:
+                self._sam_step = SAMStep(step)
+            return self._sam_step
+
+    return SAMMLTPTrainer
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -133,26 +236,19 @@ def ensure_full_dataset() -> Path:
     conversion must not leave a folder that later runs take for complete."""
     if (FULL_DATA / "dataset_dict.json").is_file():
         return FULL_DATA
-    source = next((d for d in SOURCES if (d / "train-images-idx3-ubyte.gz").is_file()), None)
-    if source is None:
-        sys.exit(f"Fashion-MNIST IDX files not found in {', '.join(map(str, SOURCES))}")
     spec = importlib.util.spec_from_file_location("make_fashion_mnist", ROOT / "scripts" / "make_fashion_mnist.py")
     maker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(maker)
+    source = maker.find_source(None)   # ../shared/data/fashion-mnist beside the checkout first; exits if absent
     partial = FULL_DATA.with_name(FULL_DATA.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     print(f"converting the full Fashion-MNIST from {source} into {FULL_DATA} (once)")
-    maker.write_full(maker.find_source(str(source)), partial)
+    maker.write_full(source, partial)
     partial.rename(FULL_DATA)
     return FULL_DATA
 
 
-def train_split_size(dataset: Path) -> int:
-    import datasets
-    return datasets.load_from_disk(str(dataset))["train"].num_rows
-
-
-# ---- the matrix -----------------------------------------------------------------------------------
+# ---- one run, through either path -------------------------------------------------------------------
 
 def device_name(threads: int) -> str:
     """Part of every run's key: wall times compare only on one device and thread count."""
@@ -165,14 +261,136 @@ def device_name(threads: int) -> str:
     return f"cpu {cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
-def plan(matrix: str, methods, models, seeds, epochs: int, train_samples: int) -> list[Run]:
-    """main: every method x model x seed at the default gamma and alpha; sensitivity: gamma x alpha_scale
-    of one method on the first model and seed. The shared default cell is planned once."""
+def train_options(run: Run, dataset: Path | None, output: str) -> dict:
+    setting = SETTINGS[run.setting]
+    return dict(model=run.model, dataset=None if dataset is None else str(dataset), img_size=IMG_SIZE,
+                max_train_samples=run.train_samples, scale=setting.scale, hflip=HFLIP, batch_size=BATCH_SIZE,
+                epochs=run.epochs, lr=LR, clip_grad=setting.clip_grad,
+                variant="none" if run.method == "sam" else run.method, gamma=run.gamma, alpha_scale=run.alpha_scale,
+                alpha_rule=None if run.method in BASELINES else run.alpha_rule, seed=run.seed, output=output,
+                experiment=f"{run.model}-{run.method}-s{run.seed}", progress=False, workers=0, **setting.recipe)
+
+
+def missing_options(setting: str) -> list[str]:
+    """The setting's options that the engine's TrainArgs does not (yet) have."""
+    known = {f.name for f in fields(TrainArgs)}
+    return [name for name in train_options(Run(setting, "engine", "none", MODELS[0], 0, 1, 1, "-"), None, "")
+            if name not in known]
+
+
+def train_args(run: Run, dataset: Path | None, output: str) -> TrainArgs:
+    return TrainArgs(**train_options(run, dataset, output))
+
+
+def fit_engine(run: Run, dataset: Path | None, output: str) -> dict:
+    args = train_args(run, dataset, output)
+    return (SAMTrainer(args) if run.method == "sam" else Trainer(args)).fit()
+
+
+def fit_hf_trainer(run: Run, dataset: Path | None, output: str) -> dict:
+    """The run as a Hugging Face user writes it: a TimmWrapper model built from its config (random init,
+    offline), `with_transform` data and a collator, MLTPTrainer at the Trainer's defaults but for SGD at the
+    setting's lr, cosine, and the setting's clipping as `max_grad_norm`. The engine's subset and transforms."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification, set_seed
+
+    from timm_mltp.trainer import MLTPTrainingArguments
+
+    setting = SETTINGS[run.setting]
+    data = load_image_dataset(None if dataset is None else str(dataset))
+    set_seed(run.seed)
+    config = TimmWrapperConfig(architecture=run.model, num_labels=data.num_classes)
+    model = TimmWrapperForImageClassification(config)
+    train_tf = create_transforms(model.timm_model, img_size=IMG_SIZE, scale=setting.scale, hflip=HFLIP,
+                                 color_jitter=0.0)
+    eval_tf = create_transforms(model.timm_model, img_size=IMG_SIZE, is_training=False, crop_pct=1.0)
+    train = data.train.shuffle(seed=run.seed).select(range(min(run.train_samples, data.train.num_rows)))
+    train = apply_transforms(train, train_tf, data.image_column, data.label_column)
+    test = apply_transforms(data.eval, eval_tf, data.image_column, data.label_column)
+    rule = {} if run.method in BASELINES else {"mltp_alpha_rule": run.alpha_rule}
+    args = MLTPTrainingArguments(
+        output_dir=output, per_device_train_batch_size=BATCH_SIZE, per_device_eval_batch_size=4 * BATCH_SIZE,
+        optim="sgd", learning_rate=LR, lr_scheduler_type="cosine", num_train_epochs=run.epochs,
+        max_grad_norm=setting.clip_grad or 0.0, eval_strategy="epoch", logging_strategy="epoch",
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=run.seed,
+        mltp_variant="none" if run.method == "sam" else run.method, mltp_gamma=run.gamma,
+        mltp_alpha_scale=run.alpha_scale, **rule)
+
+    def top1(prediction):
+        return {"top1": 100.0 * float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = hf_trainer_class(run.method)(model=model, args=args, train_dataset=train, eval_dataset=test,
+                                           data_collator=collate_image_batch, compute_metrics=top1)
+    start = time.time()
+    trainer.train()
+    wall_seconds = time.time() - start
+    # one training log (the epoch's means) and one evaluation per epoch, in that order
+    history = trainer.state.log_history
+    train_logs = [h for h in history if "loss" in h]
+    eval_logs = [h for h in history if "eval_top1" in h]
+    rows = [{"train_loss": t["loss"], "eval_loss": e["eval_loss"], "eval_top1": e["eval_top1"],
+             **{k: t.get(f"mltp_{k}", math.nan) for k in ("grad_cosine", "relative_step", "update_ratio")}}
+            for t, e in zip(train_logs, eval_logs)]
+    return {"rows": rows, "optimizer_steps": trainer.state.global_step, "wall_seconds": wall_seconds}
+
+
+def finite_mean(values) -> float | str:
+    """Mean of the finite values, to 4 significant digits; "" when there are none (SAM's cosine)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(f"{statistics.fmean(finite):.4g}") if finite else ""
+
+
+def execute(run: Run, dataset: Path | None, device: str, threads: int) -> dict:
+    """Train one run in a throw-away output folder (the checkpoints are not needed) and make its CSV row."""
+    torch.set_num_threads(threads)
+    fit = fit_engine if run.path == "engine" else fit_hf_trainer
+    with tempfile.TemporaryDirectory(prefix="generalization-") as output:
+        result = fit(run, dataset, output)
+    rows = result["rows"]
+    evaluated = [r for r in rows if r.get("eval_top1") is not None]
+    return {"device": device, **asdict(run),
+            "samples_seen": result["optimizer_steps"] * 2 * BATCH_SIZE, "optimizer_steps": result["optimizer_steps"],
+            "wall_seconds": round(result["wall_seconds"], 2), "final_top1": round(evaluated[-1]["eval_top1"], 3),
+            "best_top1": round(max(r["eval_top1"] for r in evaluated), 3),
+            "test_loss": round(evaluated[-1]["eval_loss"], 5), "final_train_loss": round(rows[-1]["train_loss"], 5),
+            "mean_grad_cosine": finite_mean(r["grad_cosine"] for r in rows),
+            "mean_relative_step": finite_mean(r["relative_step"] for r in rows),
+            "mean_update_ratio": finite_mean(r["update_ratio"] for r in rows),
+            "batch_size": BATCH_SIZE, "lr": LR}
+
+
+def _execute(job: tuple) -> dict:
+    return execute(*job)
+
+
+# ---- the matrix -----------------------------------------------------------------------------------
+
+@functools.cache
+def has_more_than_head(model_name: str) -> bool:
+    """Whether `fc` selects more than the classifier: otherwise it is the `head` preset, not a variant to study."""
+    model = timm.create_model(model_name, num_classes=10)
+    try:
+        return set(select_parameters(model, "fc")) > set(select_parameters(model, "head"))
+    except MLTPConfigError:   # no linear module at all
+        return False
+
+
+def plan(setting: str, matrix: str, methods, models, seeds, alpha_rule: str, paths=None, epochs: int | None = None,
+         train_samples=None) -> list[Run]:
+    """main: every path x training-set size x model x seed x method; sensitivity: gamma x alpha_scale of one
+    method on the first model, seed and size, through the engine. A cell planned twice is planned once."""
+    s = SETTINGS[setting]
+    epochs, sizes, paths = epochs or s.epochs, train_samples or s.train_samples, paths or s.paths
+
+    def run(path, method, model, seed, n, gamma=DEFAULT_GAMMA, alpha_scale=DEFAULT_ALPHA_SCALE):
+        rule = "-" if method in BASELINES else alpha_rule
+        return Run(setting, path, method, model, seed, epochs, n, rule, gamma, alpha_scale)
+
     runs = []
     if matrix in ("main", "all"):
-        runs += [Run(m, model, s, epochs, train_samples) for model in models for s in seeds for m in methods]
+        runs += [run(path, method, model, seed, n) for path in paths for n in sizes for model in models
+                 for seed in seeds for method in methods if method != "fc" or has_more_than_head(model)]
     if matrix in ("sensitivity", "all"):
-        runs += [Run(SENSITIVITY_METHOD, models[0], seeds[0], epochs, train_samples, g, a)
+        runs += [run("engine", SENSITIVITY_METHOD, models[0], seeds[0], sizes[0], g, a)
                  for g in GAMMAS for a in ALPHA_SCALES]
     return list(dict.fromkeys(runs))
 
@@ -181,52 +399,41 @@ def key(row: dict) -> tuple:
     return tuple(cast(row[k]) for k, cast in KEY_TYPES.items())
 
 
+def upgraded(row: dict) -> dict:
+    """A row in today's columns. Rows written before issue 11 lack setting, path and alpha_rule: every one
+    of them was a `short` run through the engine, with alpha = lr (rule `lr`) for MLTP."""
+    before = {"setting": "short", "path": "engine", "alpha_rule": "-" if row["method"] in BASELINES else "lr"}
+    return {c: row[c] if row.get(c) is not None else before.get(c, "") for c in COLUMNS}
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        return [upgraded(row) for row in csv.DictReader(f)]
 
 
 def append_row(path: Path, row: dict) -> None:
+    """Append one run. A CSV in an older column layout is first rewritten (atomically) in today's, its rows
+    kept, so files filled over several sessions stay one table."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            rows = read_rows(path)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, path)
     new = not path.is_file() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
             writer.writeheader()
         writer.writerow(row)
-
-
-def train_args(run: Run, dataset: Path | None, output: str) -> TrainArgs:
-    # img_size 32: Fashion-MNIST's 28x28 upsampled; the models' own default (160) would cost 25x more.
-    # Augmentation: RandomResizedCrop(scale 0.8-1) + hflip, the engine's; see docs/generalization.md.
-    return TrainArgs(model=run.model, dataset=None if dataset is None else str(dataset), img_size=32,
-                     max_train_samples=run.train_samples, scale=(0.8, 1.0), hflip=0.5, batch_size=BATCH_SIZE,
-                     epochs=run.epochs, lr=LR, variant="none" if run.method == "sam" else run.method,
-                     gamma=run.gamma, alpha_scale=run.alpha_scale, seed=run.seed, output=output,
-                     experiment=f"{run.model}-{run.method}-s{run.seed}", progress=False, workers=0)
-
-
-def execute(run: Run, dataset: Path | None, device: str, threads: int) -> dict:
-    """Train one run in a throw-away output folder (the checkpoints are not needed) and make its CSV row."""
-    torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory(prefix="generalization-") as output:
-        args = train_args(run, dataset, output)
-        result = (SAMTrainer(args) if run.method == "sam" else Trainer(args)).fit()
-    rows = result["rows"]
-    cosines = [r["grad_cosine"] for r in rows if math.isfinite(r["grad_cosine"])]
-    return {"device": device, **asdict(run),
-            "samples_seen": result["optimizer_steps"] * 2 * BATCH_SIZE, "optimizer_steps": result["optimizer_steps"],
-            "wall_seconds": round(result["wall_seconds"], 2), "final_top1": round(rows[-1]["eval_top1"], 3),
-            "best_top1": round(result["best_top1"], 3), "test_loss": round(rows[-1]["eval_loss"], 5),
-            "final_train_loss": round(rows[-1]["train_loss"], 5),
-            "mean_grad_cosine": round(statistics.fmean(cosines), 5) if cosines else "",
-            "batch_size": BATCH_SIZE, "lr": LR}
-
-
-def _execute(job: tuple) -> dict:
-    return execute(*job)
 
 
 def run_matrix(runs: list[Run], csv_path: Path, dataset: Path | None, threads: int, jobs: int) -> None:
@@ -245,7 +452,8 @@ def run_matrix(runs: list[Run], csv_path: Path, dataset: Path | None, threads: i
             results = map(_execute, work)
         for row in results:
             append_row(csv_path, row)       # at once: a stopped matrix keeps every finished run
-            print(f"done: {row['model']} {row['method']} seed {row['seed']}: top-1 {row['final_top1']}")
+            print(f"done: {row['setting']} {row['path']} {row['model']} {row['method']} seed {row['seed']}: "
+                  f"top-1 {row['final_top1']}")
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -254,92 +462,210 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def fmt(values: list[float], digits: int = 2) -> str:
+def fmt(values: list[float], digits: int = 2, spec: str = "f") -> str:
     if not values:
         return "-"
     mean, std = mean_std(values)
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "") + f" (n={len(values)})"
+    text = f"{mean:.{digits}{spec}}"
+    if std is not None:
+        text += f" ± {std:.{digits}{spec}}"
+    return f"{text} (n={len(values)})"
 
 
 def numeric(rows: list[dict]) -> list[dict]:
-    """CSV strings to numbers; an empty cell (SAM's gradient cosine) becomes nan."""
+    """CSV strings to numbers; an empty cell (SAM's gradient cosine, an old row's inner step) becomes nan."""
     out = []
     for row in rows:
         typed = dict(row)
         for column in COLUMNS:
-            if column not in ("device", "method", "model"):
-                typed[column] = float(row[column]) if row[column] != "" else float("nan")
+            if column not in TEXT_COLUMNS:
+                typed[column] = float(row[column]) if row[column] != "" else math.nan
         out.append(typed)
     return out
 
 
-def settings(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """Rows grouped by what must match for runs to be compared: device, epochs, training samples."""
-    groups = defaultdict(list)
+def _order(items, known) -> list:
+    return [x for x in known if x in items] + sorted(set(items) - set(known))
+
+
+def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(setting, path, training samples, epochs, device) -> runs: what must match for runs to be compared."""
+    by_key = defaultdict(list)
     for row in rows:
-        groups[(row["device"], int(row["epochs"]), int(row["train_samples"]))].append(row)
-    return dict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
-
-
-def method_order(rows: list[dict]) -> list[str]:
-    present = {r["method"] for r in rows}
-    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+        by_key[row["setting"], row["path"], int(row["train_samples"]), int(row["epochs"]), row["device"]].append(row)
+    settings, paths = _order({k[0] for k in by_key}, SETTINGS), _order({k[1] for k in by_key}, PATHS)
+    return dict(sorted(by_key.items(), key=lambda kv: (settings.index(kv[0][0]), paths.index(kv[0][1]), kv[0][2],
+                                                       -len(kv[1]))))
 
 
 def main_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """(model, method) -> runs at the default gamma and alpha_scale, one per seed."""
+    """(model, method, alpha_rule) -> runs at the default gamma and alpha_scale, one per seed."""
     cells = defaultdict(list)
     for row in rows:
         if row["gamma"] == DEFAULT_GAMMA and row["alpha_scale"] == DEFAULT_ALPHA_SCALE:
-            cells[row["model"], row["method"]].append(row)
+            cells[row["model"], row["method"], row["alpha_rule"]].append(row)
     return cells
 
 
-def paired_differences(cells, model: str, method: str, column: str = "final_top1") -> list[float]:
-    """Per seed: method minus `none` on the same seed (same initialisation, subset and data order)."""
-    baseline = {r["seed"]: r[column] for r in cells.get((model, "none"), [])}
-    return [r[column] - baseline[r["seed"]] for r in cells.get((model, method), []) if r["seed"] in baseline]
+def cell_order(cells) -> list[tuple]:
+    models = sorted({c[0] for c in cells})
+    methods = _order({c[1] for c in cells}, METHODS)
+    rules = _order({c[2] for c in cells}, ("-", DEFAULT_RULE))
+    return [(m, method, r) for m in models for method in methods for r in rules if (m, method, r) in cells]
 
 
-def seconds_per_epoch(cells, model: str, method: str) -> float | None:
-    """Mean wall seconds per epoch, training and evaluation."""
-    runs = cells.get((model, method), [])
-    return statistics.fmean(r["wall_seconds"] / r["epochs"] for r in runs) if runs else None
+def paired_differences(cells, cell: tuple, baseline: str, column: str = "final_top1") -> list[float]:
+    """Per seed: the cell minus `baseline` on the same model and seed (same initialisation, subset, data order)."""
+    base = {r["seed"]: r[column] for r in cells.get((cell[0], baseline, "-"), [])}
+    return [r[column] - base[r["seed"]] for r in cells.get(cell, []) if r["seed"] in base]
 
 
-def cost_ratio(cells, model: str, method: str) -> float | None:
-    """Seconds per epoch relative to `none` on the same model."""
-    base, own = seconds_per_epoch(cells, model, "none"), seconds_per_epoch(cells, model, method)
-    return own / base if base and own else None
+def cost_ratio(cells, cell: tuple) -> float | None:
+    """Mean wall time relative to `none` on the same model (training and the per-epoch evaluation)."""
+    base, own = cells.get((cell[0], "none", "-")), cells.get(cell)
+    if not base or not own:
+        return None
+    return statistics.fmean(r["wall_seconds"] for r in own) / statistics.fmean(r["wall_seconds"] for r in base)
+
+
+def finite(runs: list[dict], column: str) -> list[float]:
+    return [r[column] for r in runs if math.isfinite(r[column])]
+
+
+def label(cell: tuple) -> str:
+    model, method, rule = cell
+    return f"{method} on {model}" if rule == "-" else f"{method} ({rule}) on {model}"
 
 
 def main_table(rows: list[dict]) -> list[str]:
+    cells = main_cells(rows)
+    lines = ["| model | method | alpha rule | final top-1 | test loss | train loss | top-1 - none, paired | "
+             "top-1 - SAM, paired | relative inner step | inner / last update | wall time vs none |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cell in cell_order(cells):
+        runs = cells[cell]
+        model, method, rule = cell
+        vs_none = paired_differences(cells, cell, "none") if method != "none" else []
+        vs_sam = paired_differences(cells, cell, "sam") if method != "sam" else []
+        ratio = cost_ratio(cells, cell)
+        seconds = statistics.fmean(r["wall_seconds"] for r in runs)
+        inner = [] if method in BASELINES else finite(runs, "mean_relative_step")
+        cost = f"{ratio:.2f}x ({seconds:.0f} s)" if ratio else f"- ({seconds:.0f} s)"
+        lines.append(f"| {model} | {method} | {rule} | {fmt([r['final_top1'] for r in runs])} | "
+                     f"{fmt([r['test_loss'] for r in runs], 4)} | {fmt([r['final_train_loss'] for r in runs], 4)} | "
+                     f"{fmt(vs_none)} | {fmt(vs_sam)} | {fmt(inner, 1, 'e')} | "
+                     f"{fmt([] if method in BASELINES else finite(runs, 'mean_update_ratio'))} | {cost} |")
+    return lines
+
+
+def compare(diffs: list[float]) -> str | None:
+    """better / worse: the mean paired difference exceeds its seed-to-seed std; same: it does not."""
+    if len(diffs) < 2:
+        return None
+    mean, std = mean_std(diffs)
+    if abs(mean) <= std:
+        return "same"
+    return "better" if mean > 0 else "worse"
+
+
+def difference(diffs: list[float]) -> str:
+    mean, std = mean_std(diffs)
+    return f"{mean:+.2f} ± {std:.2f}" if std is not None else f"{mean:+.2f}"
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """What a user should do in this group, computed from the numbers: its first line is the verdict."""
+    cells = main_cells(rows)
+    models = sorted({c[0] for c in cells})
+    mltp = [c for c in cell_order(cells) if c[1] not in BASELINES]
+    short = [f"{label(c)} ({len(cells[c])})" for c in cell_order(cells) if len(cells[c]) < len(SEEDS)]
+    no_baseline = [m for m in models if (m, "none", "-") not in cells]
+    if short or no_baseline or not mltp:
+        missing = short + [f"none on {m} (0)" for m in no_baseline] + ([] if mltp else ["any MLTP variant (0)"])
+        return [f"**Not enough runs** for a verdict: {len(SEEDS)} seeds per cell are needed; seeds so far: "
+                f"{', '.join(missing)}."]
+    vs_none = {c: paired_differences(cells, c, "none") for c in mltp}
+    vs_sam = {c: paired_differences(cells, c, "sam") for c in mltp}
+    helps = [c for c in mltp if compare(vs_none[c]) == "better"]
+    hurts = [c for c in mltp if compare(vs_none[c]) == "worse"]
+
+    def described(c):
+        text = f"{label(c)} ({difference(vs_none[c])} vs none"
+        if vs_sam[c]:
+            text += f", {difference(vs_sam[c])} vs SAM"
+        ratio = cost_ratio(cells, c)
+        return text + (f", {ratio:.2f}x the time)" if ratio else ")")
+
+    if helps:
+        beats_sam = [c for c in helps if compare(vs_sam[c]) == "better"]
+        verb = "beats" if len(helps) == 1 else "beat"
+        lines = [f"**MLTP helps here**: {'; '.join(map(described, helps))} {verb} standard training by more than "
+                 f"the seed-to-seed spread of the paired differences."]
+        if beats_sam:
+            verb = "beats" if len(beats_sam) == 1 else "beat"
+            lines[0] += f" Of these, {', '.join(map(label, beats_sam))} also {verb} SAM."
+        else:
+            lines[0] += " None of them beats SAM by more than that spread."
+    else:
+        lines = [f"**MLTP does not help here**: no MLTP variant beats standard training (`none`) by more than the "
+                 f"seed-to-seed spread of the paired differences on {', '.join(models)}; train without MLTP."]
+    if hurts:
+        lines.append(f"- Worse than standard training: {'; '.join(map(described, hurts))}.")
+    for model in models:
+        sam = paired_differences(cells, (model, "sam", "-"), "none")
+        if sam:
+            outcome = {"better": "a gain", "worse": "a loss", "same": "within the spread", None: "one seed"}
+            lines.append(f"- SAM on {model}: {difference(sam)} vs none ({outcome[compare(sam)]}).")
+    lines += safety(cells, mltp)
+    return lines
+
+
+def safety(cells, mltp: list[tuple]) -> list[str]:
+    """Issue 11's test of a default rule: it may lose no more than the seed-to-seed std of standard training,
+    and its inner step must not vanish (alpha -> 0 is standard training)."""
+    default = [c for c in mltp if c[2] == DEFAULT_RULE]
+    if not default:
+        return []
+    losses = []
+    for c in default:
+        spread = mean_std([r["final_top1"] for r in cells[(c[0], "none", "-")]])[1] or 0.0
+        mean = statistics.fmean(paired_differences(cells, c, "none"))
+        if mean < -spread:
+            losses.append(f"{label(c)} ({mean:+.2f}, std of none {spread:.2f})")
+    steps = [x for c in default for x in finite(cells[c], "mean_relative_step")]
+    inner = f"; its relative inner step ranges {min(steps):.1e} to {max(steps):.1e}" if steps else ""
+    if losses:
+        return [f"- The default rule `{DEFAULT_RULE}` loses more than the seed-to-seed std of standard training: "
+                f"{'; '.join(losses)}{inner}."]
+    return [f"- The default rule `{DEFAULT_RULE}` loses no more than the seed-to-seed std of standard training "
+            f"on any variant and model{inner}."]
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """Per MLTP cell and SAM: the paired difference to `none`, what it means, and the cost."""
     cells, lines = main_cells(rows), []
-    lines += ["| model | method | final top-1 | best top-1 | test loss | final - none, per seed | "
-              "cost per epoch vs none | grad cosine |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for model in sorted({m for m, _ in cells}):
-        for method in method_order(rows):
-            runs = cells.get((model, method))
-            if not runs:
-                continue
-            diffs = paired_differences(cells, model, method) if method != "none" else []
-            ratio, seconds = cost_ratio(cells, model, method), seconds_per_epoch(cells, model, method)
-            cosines = [r["mean_grad_cosine"] for r in runs if math.isfinite(r["mean_grad_cosine"])]
-            lines.append(f"| {model} | {method} | {fmt([r['final_top1'] for r in runs])} | "
-                         f"{fmt([r['best_top1'] for r in runs])} | {fmt([r['test_loss'] for r in runs], 4)} | "
-                         f"{fmt(diffs) if diffs else '-'} | {f'{ratio:.2f}x' if ratio else '-'} ({seconds:.1f} s) | "
-                         f"{f'{statistics.fmean(cosines):.3f}' if cosines else '-'} |")
+    for cell in cell_order(cells):
+        diffs = paired_differences(cells, cell, "none") if cell[1] != "none" else []
+        if not diffs:
+            continue
+        outcome = {None: "one seed only: no spread to compare it with",
+                   "same": "within the seed-to-seed std of the differences: not distinguishable from `none`",
+                   "better": "a consistent gain", "worse": "a consistent loss"}[compare(diffs)]
+        ratio = cost_ratio(cells, cell)
+        lines.append(f"- {label(cell)}: {difference(diffs)} points vs `none` over {len(diffs)} paired seed(s), "
+                     f"{outcome}" + (f"; {ratio:.2f}x the wall time of `none`." if ratio else "."))
     return lines
 
 
 def sensitivity_grids(rows: list[dict]) -> dict[tuple, dict[tuple, list[float]]]:
-    """(model, method) -> {(gamma, alpha_scale): final top-1 values}, where more than one cell was run.
-    Only seeds that every cell has count: the default cell also holds the main matrix's other seeds,
+    """(model, method, alpha_rule) -> {(gamma, alpha_scale): final top-1 values}, where more than one cell was
+    run. Only seeds that every cell has count: the default cell also holds the main matrix's other seeds,
     and comparing a 3-seed mean with 1-seed cells would mix seed noise into the grid."""
     grids = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        if row["method"] not in ("none", "sam"):  # gamma and alpha do nothing for these
-            grids[row["model"], row["method"]][row["gamma"], row["alpha_scale"]][row["seed"]] = row["final_top1"]
+        if row["method"] not in BASELINES:  # gamma and alpha do nothing for these
+            name = (row["model"], row["method"], row["alpha_rule"])
+            grids[name][row["gamma"], row["alpha_scale"]][row["seed"]] = row["final_top1"]
     out = {}
     for name, grid in grids.items():
         common = set.intersection(*(set(by_seed) for by_seed in grid.values()))
@@ -357,122 +683,119 @@ def sensitivity_table(grid: dict[tuple, list[float]]) -> list[str]:
     return lines
 
 
-def findings(rows: list[dict]) -> list[str]:
-    """Plain statements computed from the numbers; no claim is written by hand."""
+def sensitivity_findings(rows: list[dict]) -> list[str]:
     cells, lines = main_cells(rows), []
-    for model in sorted({m for m, _ in cells}):
-        ranked = sorted(((statistics.fmean(r["final_top1"] for r in runs), method)
-                         for (mod, method), runs in cells.items() if mod == model), reverse=True)
-        lines.append(f"- **{model}**: highest mean final top-1: {ranked[0][1]} ({ranked[0][0]:.2f}); "
-                     f"lowest: {ranked[-1][1]} ({ranked[-1][0]:.2f}).")
-        for method in method_order(rows):
-            diffs = paired_differences(cells, model, method) if method != "none" else []
-            if not diffs:
-                continue
-            mean, std = mean_std(diffs)
-            if std is None:
-                verdict = "one seed only: no spread to compare it with"
-            elif abs(mean) > std:
-                verdict = f"the mean exceeds the seed-to-seed std ({std:.2f}): a consistent {'gain' if mean > 0 else 'loss'}"
-            else:
-                verdict = f"within the seed-to-seed std ({std:.2f}): not distinguishable from `none` at this size"
-            ratio = cost_ratio(cells, model, method)
-            lines.append(f"  - {method}: {mean:+.2f} points vs `none` over {len(diffs)} paired seed(s), {verdict}"
-                         + (f"; costs {ratio:.2f}x `none` per epoch." if ratio else "."))
-    for (model, method), grid in sensitivity_grids(rows).items():
+    for (model, method, rule), grid in sensitivity_grids(rows).items():
         means = {cell: statistics.fmean(v) for cell, v in grid.items()}
         best, worst = max(means, key=means.get), min(means, key=means.get)
-        seed_std = mean_std([r["final_top1"] for r in cells.get((model, method), [])])[1]
+        seed_std = mean_std([r["final_top1"] for r in cells.get((model, method, rule), [])])[1]
         spread = means[best] - means[worst]
-        lines.append(f"- Sensitivity ({model}, {method}): top-1 ranges {spread:.2f} points over the grid, best at "
-                     f"gamma {best[0]:g}, alpha_scale {best[1]:g} ({means[best]:.2f}), worst at gamma {worst[0]:g}, "
-                     f"alpha_scale {worst[1]:g} ({means[worst]:.2f})"
-                     + (f"; the seed-to-seed std at the default is {seed_std:.2f}, so the range is "
-                        f"{'larger' if spread > seed_std else 'not larger'} than seed noise." if seed_std else "."))
+        line = (f"- Sensitivity ({model}, {method}, rule {rule}): top-1 ranges {spread:.2f} points over the grid, "
+                f"best at gamma {best[0]:g}, alpha_scale {best[1]:g} ({means[best]:.2f}), worst at gamma "
+                f"{worst[0]:g}, alpha_scale {worst[1]:g} ({means[worst]:.2f})")
+        if seed_std:
+            larger = "larger" if spread > seed_std else "not larger"
+            line += f"; the seed-to-seed std at the default is {seed_std:.2f}, so the range is {larger} than seed noise"
+        lines.append(line + ".")
     return lines
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def group_title(group: tuple) -> str:
+    setting, path, train_samples, epochs, device = group
+    return f"{path}, {train_samples:,} training images, {epochs} epoch(s) ({device})"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """One panel per group: each cell's top-1 minus `none`'s on the same seed. False: nothing to plot."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    cells, methods = main_cells(rows), method_order(rows)
-    models = sorted({m for m, _ in cells})
-    colors = {m: plt.cm.tab10(i) for i, m in enumerate(methods)}
-    markers = dict(zip(models, "osD^v<>"))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / max(len(models), 1)
-    for j, model in enumerate(models):
-        for i, method in enumerate(methods):
-            values = [r["final_top1"] for r in cells.get((model, method), [])]
-            if not values:
-                continue
-            x = i + (j - (len(models) - 1) / 2) * width
-            left.scatter([x] * len(values), values, color=colors[method], marker=markers[model], alpha=0.5, s=20)
-            mean, std = mean_std(values)
-            left.errorbar(x, mean, yerr=std or 0, color=colors[method], marker=markers[model], capsize=4, ms=8,
-                          label=model if i == 0 else None)
-    left.set_xticks(range(len(methods)), methods)
-    left.set_ylabel("final test top-1 (%)")
-    left.set_title("test top-1 per method (points: seeds; bars: mean ± std)")
-    left.legend(title="model", fontsize=8)
-    for (model, method), runs in cells.items():
-        minutes, top1 = [r["wall_seconds"] / 60 for r in runs], [r["final_top1"] for r in runs]
-        right.scatter(minutes, top1, color=colors[method], marker=markers[model], alpha=0.4, s=20)
-        right.scatter(statistics.fmean(minutes), statistics.fmean(top1), color=colors[method],
-                      marker=markers[model], s=80, edgecolors="black")
-    for method in methods:
-        right.scatter([], [], color=colors[method], label=method)
-    for model in models:
-        right.scatter([], [], color="gray", marker=markers[model], label=model)
-    right.set_xlabel("wall time of the run (minutes)")
-    right.set_ylabel("final test top-1 (%)")
-    right.set_title("accuracy vs wall time (large: mean over seeds)")
-    right.legend(fontsize=8)
+    panels = [(g, main_cells(runs)) for g, runs in groups(rows).items()]
+    panels = [(g, cells) for g, cells in panels if any(c[1] == "none" for c in cells) and len(cells) > 1]
+    if not panels:
+        return False
+    columns = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / columns), columns, figsize=(5.5 * columns, 4.2 *
+                             math.ceil(len(panels) / columns)), squeeze=False)
+    for ax, (group, cells) in zip(axes.flat, panels):
+        models = sorted({c[0] for c in cells})
+        labels = list(dict.fromkeys((c[1], c[2]) for c in cell_order(cells) if c[1] != "none"))
+        markers = dict(zip(models, "osD^v<>"))
+        width = 0.8 / len(models)
+        for j, model in enumerate(models):
+            for i, (method, rule) in enumerate(labels):
+                diffs = paired_differences(cells, (model, method, rule), "none")
+                if not diffs:
+                    continue
+                x = i + (j - (len(models) - 1) / 2) * width
+                color = plt.cm.tab10(i % 10)
+                ax.scatter([x] * len(diffs), diffs, color=color, marker=markers[model], alpha=0.4, s=18)
+                mean, std = mean_std(diffs)
+                ax.errorbar(x, mean, yerr=std or 0, color=color, marker=markers[model], capsize=3, ms=7)
+            ax.scatter([], [], color="gray", marker=markers[model], label=model)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(labels)), [m if r in ("-", DEFAULT_RULE) else f"{m}\n{r}" for m, r in labels],
+                      fontsize=8)
+        ax.set_ylabel("top-1 minus none's, same seed (points)")
+        ax.set_title(f"{group[0]}: {group[1]}, {group[2]:,} images, {group[3]} ep.", fontsize=9)
+        ax.legend(title="model (points: seeds)", fontsize=7, title_fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 SETUP = """\
-Fashion-MNIST (60,000 train / 10,000 test, 28x28 grayscale upsampled to 32x32, or the subset named below),
-models from timm with random initialisation, trained through `timm_mltp.engine`: SGD (momentum 0.9,
-weight decay 5e-4, timm's parameter groups), lr {lr}, cosine schedule without warmup, B = {batch} per task,
-so every optimizer step of every method consumes {pair} samples. Augmentation: RandomResizedCrop with
-area scale 0.8-1 and aspect 3/4-4/3, plus horizontal flip (p 0.5). The usual CIFAR-style random crop with
-4-pixel padding is not something timm's `create_transform` offers, and the engine builds its transforms
-with it, so the engine's crop is used instead. MLTP variants at gamma {gamma}, alpha = lr x {alpha};
-`none` is standard training on both batches; SAM is pytorch-optimizer's `SAM` (rho {rho}) around the same
-SGD, on one batch of {pair} taken twice (BatchNorm statistics from the first pass only). Top-1 is on the
-full test split after the last epoch (final) and the best epoch (best). Cost per epoch includes evaluation.
+Fashion-MNIST (60,000 train / 10,000 test, 28x28 grayscale upsampled to {img}x{img}), a random subset of the
+training images per seed, the full test split for evaluation. Models from timm with random initialisation.
+Every optimizer step of every method consumes {pair} samples: B = {batch} per task, task i and task j for MLTP,
+two batches for standard training (`none`), one batch of {pair} taken twice for SAM (rho {rho}; the gradient at
+w + e(w), BatchNorm statistics from the pass at w only; otherwise the same loop, clipping and optimizer). MLTP
+at gamma {gamma} and its default inner-step rule `{rule}` unless the `alpha rule` column says otherwise; the
+relative inner step is ||alpha P_S g_i|| / ||w_S||, and `inner / last update` its length over the optimizer's
+last actual update of S, each the mean over the run. Top-1 is on the test split after the last epoch. Paired
+differences subtract the `none` (or SAM) run of the same seed: same initialisation, subset and data order.
+A difference counts as a gain or a loss when its mean exceeds the std of the paired differences over seeds.
+Wall time includes the evaluation after every epoch.
 """
 
 
 def report(csv_path: Path, doc: Path) -> None:
     rows = numeric(read_rows(csv_path))
     if not rows:
-        sys.exit(f"{csv_path} has no runs yet; run the matrix first")
+        sys.exit(f"{csv_path} has no runs yet; run a setting's matrix first")
     png = doc.with_suffix(".png")
+    by_group = groups(rows)
+    sections, summary = [], []
+    for setting in dict.fromkeys(g[0] for g in by_group):
+        about = SETTINGS[setting].about if setting in SETTINGS else "A setting this script no longer defines."
+        sections += [f"## Setting `{setting}`", "", about, ""]
+        for group, runs in by_group.items():
+            if group[0] != setting:
+                continue
+            verdict_lines = verdict(runs)
+            summary.append(f"- `{setting}`, {group_title(group)}: {verdict_lines[0]}")
+            sections += [f"### {group_title(group)}", ""] + main_table(runs) + [""]
+            sections += verdict_lines + [""] + findings(runs) + [""]
+            for (model, method, rule), grid in sensitivity_grids(runs).items():
+                sections += [f"#### Sensitivity: {method} ({rule}) on {model}, final top-1", ""]
+                sections += sensitivity_table(grid) + [""]
+            if sensitivity_grids(runs):
+                sections += sensitivity_findings(runs) + [""]
     lines = ["# Generalization: MLTP vs standard training vs SAM", "",
              f"Generated by `python benchmarks/generalization.py --report` from `{csv_path.name}` "
              f"({len(rows)} runs); every number below is computed from that file.", "",
-             SETUP.format(lr=LR, batch=BATCH_SIZE, pair=2 * BATCH_SIZE, gamma=DEFAULT_GAMMA,
-                          alpha=DEFAULT_ALPHA_SCALE, rho=SAM_RHO), f"![test top-1 and wall time]({png.name})", "",
-             "The plot shows the first setting below, at the default gamma and alpha_scale.", ""]
-    for (device, epochs, train_samples), group in settings(rows).items():
-        lines += [f"## {device}: {epochs} epoch(s) on {train_samples:,} training samples", "",
-                  "Mean ± std over seeds. `final - none` pairs each seed with the `none` run of the same "
-                  "seed (same initialisation, subset and data order).", ""]
-        lines += main_table(group) + [""]
-        for (model, method), grid in sensitivity_grids(group).items():
-            lines += [f"### Sensitivity: {method} on {model}, final top-1", ""] + sensitivity_table(grid) + [""]
-        lines += ["### What the numbers say", ""] + findings(group) + [""]
+             SETUP.format(img=IMG_SIZE, pair=2 * BATCH_SIZE, batch=BATCH_SIZE, rho=SAM_RHO, gamma=DEFAULT_GAMMA,
+                          rule=DEFAULT_RULE), "## Verdicts", ""] + summary + [""]
     doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text("\n".join(lines))
-    plot(next(iter(settings(rows).values())), png)   # the setting with the most runs
-    print(f"wrote {doc} and {png}")
+    if plot(rows, png):
+        lines += [f"![top-1 minus none's per seed, per setting]({png.name})", ""]
+    doc.write_text("\n".join(lines + sections))
+    print(f"wrote {doc}" + (f" and {png}" if png.is_file() else ""))
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -483,15 +806,22 @@ def csv_list(cast):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke matrix: 2 methods, 1 tiny model, 1 seed, 256 samples "
-                                                        "of the shipped subset, 1 epoch")
-    p.add_argument("--matrix", choices=["main", "sensitivity", "all"], default="all")
-    p.add_argument("--methods", type=csv_list(str), default=METHODS, help=f"default: {','.join(METHODS)}")
+    p.add_argument("--quick", action="store_true", help="smoke matrix: underfit through both paths, none/fo/sam, 1 "
+                                                        "tiny model, 1 seed, 256 samples of the shipped subset, 1 epoch")
+    p.add_argument("--setting", choices=list(SETTINGS), help="the training regime whose matrix to run")
+    p.add_argument("--matrix", choices=["main", "sensitivity", "all"], default="main",
+                   help="main: methods x models x seeds (default); sensitivity: a gamma x alpha_scale grid")
+    p.add_argument("--methods", type=csv_list(str), default=METHODS, help=f"default: {','.join(METHODS)} (fc only "
+                                                                          f"where a model has more than a head)")
     p.add_argument("--models", type=csv_list(str), default=MODELS, help=f"default: {','.join(MODELS)}")
     p.add_argument("--seeds", type=csv_list(int), default=SEEDS, help=f"default: {','.join(map(str, SEEDS))}")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help="default: %(default)s")
-    p.add_argument("--train-samples", type=int, default=TRAIN_SAMPLES, help="random subset of the 60k training "
-                                                                            "images, one per seed (default: %(default)s)")
+    p.add_argument("--paths", type=csv_list(str), default=None, help="engine and/or hf-trainer (default: the "
+                                                                     "setting's)")
+    p.add_argument("--alpha-rule", default=DEFAULT_RULE, choices=[r for r in ALPHA_RULES if r != "fixed"],
+                   help="MLTP's inner-step rule (default: MLTPConfig's, %(default)s)")
+    p.add_argument("--epochs", type=int, default=None, help="override the setting's epochs")
+    p.add_argument("--train-samples", type=csv_list(int), default=None, help="override the setting's training-set "
+                                                                             "sizes (comma-separated)")
     p.add_argument("--csv", type=Path, default=None, help=f"results file (default: {RESULTS_CSV.relative_to(ROOT)}; "
                                                           f"with --quick: {QUICK_CSV.relative_to(ROOT)})")
     p.add_argument("--doc", type=Path, default=DOC, help="report file; the plot goes beside it as .png")
@@ -503,14 +833,29 @@ def main(argv=None):
     if args.report:
         report(csv_path, args.doc)
         return
+    setting = QUICK["setting"] if args.quick else args.setting
+    if setting is None:
+        p.error(f"choose a setting to run: --setting {'|'.join(SETTINGS)} (or --quick, or --report)")
+    unknown = set(args.paths or ()) - set(PATHS)
+    if unknown:
+        p.error(f"--paths {','.join(sorted(unknown))}: the paths are {', '.join(PATHS)}")
+    if "hf-trainer" in (args.paths or ()) and SETTINGS[setting].recipe:
+        p.error(f"setting {setting!r} needs the engine's timm options ({', '.join(SETTINGS[setting].recipe)}), "
+                f"which the hf-trainer path does not build; leave --paths at the setting's (engine)")
+    missing = missing_options(setting)
+    if missing:
+        print(f"setting {setting!r} is unavailable: timm_mltp.engine.TrainArgs has no {', '.join(missing)} yet; "
+              f"skipped")
+        return
     if args.quick:
         # the shipped 10k/2k subset: no conversion, a short evaluation
         dataset, q = None, QUICK
-        runs = plan("main", q["methods"], q["models"], q["seeds"], q["epochs"], q["train_samples"])
+        runs = plan(setting, "main", q["methods"], q["models"], q["seeds"], args.alpha_rule, epochs=q["epochs"],
+                    train_samples=(q["train_samples"],))
     else:
         dataset = ensure_full_dataset()
-        train_samples = min(args.train_samples, train_split_size(dataset))
-        runs = plan(args.matrix, args.methods, args.models, args.seeds, args.epochs, train_samples)
+        runs = plan(setting, args.matrix, args.methods, args.models, args.seeds, args.alpha_rule, args.paths,
+                    args.epochs, args.train_samples)
     run_matrix(runs, csv_path, dataset, args.threads, args.jobs)
 
 

@@ -4,8 +4,9 @@
     python scripts/make_fashion_mnist.py                    # stratified subset -> timm_mltp/data/fashion_mnist_small/
     python scripts/make_fashion_mnist.py --full OUT_DIR     # full 60k/10k DatasetDict via save_to_disk
 
-Reads the original IDX gzip files (Zalando Research, MIT license) from --source, else
-/work/shared/data/fashion-mnist/, else /usr/share/datasets/fashion-mnist/ (Debian dataset-fashion-mnist).
+Reads the original IDX gzip files (Zalando Research, MIT license) from --source, else from
+../shared/data/fashion-mnist/ beside the checkout (where CI and other machines lay them), else
+/usr/share/datasets/fashion-mnist/ (Debian dataset-fashion-mnist).
 """
 import argparse
 import gzip
@@ -31,8 +32,8 @@ FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-DEFAULT_SOURCES = [Path("/work/shared/data/fashion-mnist"), Path("/usr/share/datasets/fashion-mnist")]
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCES = [REPO_ROOT.parent / "shared" / "data" / "fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
 SUBSET_DIR = REPO_ROOT / "timm_mltp" / "data" / "fashion_mnist_small"
 FEATURES = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
 

@@ -1,11 +1,13 @@
-"""benchmarks/generalization.py: the quick matrix fills a CSV and a rerun skips it, the report turns a CSV
-into the doc and the plot, and the SAM step taken through the engine is SAM's."""
+"""benchmarks/generalization.py: the quick underfit matrix runs through both paths (engine and MLTPTrainer) and
+a rerun skips it, an old-format CSV is read and upgraded, the report turns a CSV into the doc (verdicts per
+setting) and the plot, a setting the engine cannot run yet is skipped, and the SAM step is SAM's."""
 import copy
 import csv
 import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,44 +33,145 @@ def bench(*args):
     return result.stdout
 
 
-def test_quick_matrix_appends_rows_and_a_rerun_skips_them(tmp_path):
-    pytest.importorskip("pytorch_optimizer")  # SAM: a benchmark-only dependency
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_underfit_runs_both_paths_and_a_rerun_skips_them(tmp_path):
     g = load_benchmark()
     results = tmp_path / "quick.csv"
     bench("--quick", "--csv", str(results))
-    with open(results, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(results)
     assert list(rows[0]) == g.COLUMNS
-    assert sorted(r["method"] for r in rows) == sorted(g.QUICK["methods"])
+    assert sorted((r["path"], r["method"]) for r in rows) == sorted(
+        (path, method) for path in g.PATHS for method in g.QUICK["methods"])
+    by = {(r["path"], r["method"]): r for r in rows}
     for row in rows:
+        assert row["setting"] == "underfit"
+        assert row["alpha_rule"] == ("-" if row["method"] in g.BASELINES else g.DEFAULT_RULE)
         steps = int(row["optimizer_steps"])
         assert steps == g.QUICK["train_samples"] // (2 * g.BATCH_SIZE)
         assert int(row["samples_seen"]) == steps * 2 * g.BATCH_SIZE   # the same 2B per step for every method
         assert 0 <= float(row["final_top1"]) <= float(row["best_top1"]) <= 100
-    assert rows[[r["method"] for r in rows].index("sam")]["mean_grad_cosine"] == ""
+    for path in g.PATHS:
+        assert by[path, "sam"]["mean_grad_cosine"] == by[path, "sam"]["mean_relative_step"] == ""
+        assert float(by[path, "none"]["mean_relative_step"]) == 0.0 and by[path, "none"]["mean_update_ratio"] == ""
+        assert 0 < float(by[path, "fo"]["mean_relative_step"]) < 1     # MLTP's inner step, logged by either path
+        assert float(by[path, "fo"]["mean_update_ratio"]) > 0
     before = results.read_text()
     out = bench("--quick", "--csv", str(results))
     assert f"{len(rows)} already in" in out and "0 to go" in out
     assert results.read_text() == before
 
 
+OLD_COLUMNS = ["device", "method", "model", "seed", "epochs", "train_samples", "samples_seen", "optimizer_steps",
+               "wall_seconds", "final_top1", "best_top1", "test_loss", "final_train_loss", "mean_grad_cosine",
+               "gamma", "alpha_scale", "batch_size", "lr"]
+
+
+def old_row(method, seed=0, top1=87.0):
+    return {"device": "cpu old", "method": method, "model": "test_resnet", "seed": seed, "epochs": 4,
+            "train_samples": 20000, "samples_seen": 79872, "optimizer_steps": 624, "wall_seconds": 190.0,
+            "final_top1": top1, "best_top1": top1, "test_loss": 0.35, "final_train_loss": 0.38,
+            "mean_grad_cosine": "" if method == "sam" else 0.05, "gamma": 0.5, "alpha_scale": 1.0, "batch_size": 64,
+            "lr": 0.05}
+
+
+def test_an_old_format_csv_is_read_as_the_short_setting_and_upgraded_on_append(tmp_path):
+    g = load_benchmark()
+    results = tmp_path / "old.csv"
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=OLD_COLUMNS)
+        writer.writeheader()
+        writer.writerows([old_row("none"), old_row("fo"), old_row("sam")])
+    rows = g.read_rows(results)
+    assert [(r["setting"], r["path"], r["alpha_rule"]) for r in rows] == [
+        ("short", "engine", "-"), ("short", "engine", "lr"), ("short", "engine", "-")]
+    assert rows[1]["mean_relative_step"] == "" and rows[1]["final_top1"] == "87.0"
+    # the old runs are the `short` matrix at rule lr: rerunning it skips them
+    planned = g.plan("short", "main", ("none", "fo", "sam"), ("test_resnet",), (0,), "lr")
+    assert {g.key({"device": "cpu old", **g.asdict(r)}) for r in planned} == {g.key(r) for r in rows}
+
+    new = {**rows[0], "setting": "overfit", "train_samples": 2000, "mean_relative_step": 0.001}
+    g.append_row(results, new)
+    upgraded = read_csv(results)
+    assert list(upgraded[0]) == g.COLUMNS
+    assert upgraded[:3] == rows                       # the old rows kept, in today's columns
+    assert upgraded[3]["setting"] == "overfit" and upgraded[3]["mean_relative_step"] == "0.001"
+
+
+def test_plan_covers_a_settings_paths_sizes_and_fc_only_beyond_the_head():
+    g = load_benchmark()
+    underfit = g.plan("underfit", "main", g.METHODS, g.MODELS, g.SEEDS, g.DEFAULT_RULE)
+    assert {r.path for r in underfit} == set(g.PATHS) and g.SETTINGS["underfit"].clip_grad == 1.0
+    fc_models = {r.model for r in underfit if r.method == "fc"}
+    assert fc_models == {"test_convnext"}             # test_resnet's only linear module is its classifier
+    per_path = (len(g.METHODS) * len(g.MODELS) - 1) * len(g.SEEDS)
+    assert len(underfit) == 2 * per_path
+    assert {r.alpha_rule for r in underfit if r.method in g.BASELINES} == {"-"}
+    overfit = g.plan("overfit", "main", ("none", "sam"), g.MODELS, (0,), "clip")
+    assert sorted({r.train_samples for r in overfit}) == [2000, 10000]
+    assert {(r.path, r.epochs) for r in overfit} == {("engine", g.OVERFIT_EPOCHS)}
+
+
+def test_a_setting_the_engine_cannot_run_yet_is_skipped(tmp_path, monkeypatch, capsys):
+    g = load_benchmark()
+
+    @dataclass
+    class OlderTrainArgs:   # a TrainArgs before timm's regularisers
+        model: str = "resnet18"
+        smoothing: float = 0.0
+
+    monkeypatch.setattr(g, "TrainArgs", OlderTrainArgs)
+    assert {"aa", "reprob", "mixup", "cutmix", "model_ema"} <= set(g.missing_options("timm-recipe"))
+    results = tmp_path / "r.csv"
+    g.main(["--setting", "timm-recipe", "--csv", str(results)])
+    assert "setting 'timm-recipe' is unavailable" in capsys.readouterr().out
+    assert not results.exists()
+
+
 def synthetic_rows(g):
-    """Two models, three methods, three seeds, and a sensitivity grid; `full` gains 1 point on every seed."""
+    """underfit: fo gains 1 point on every seed, conv ties; overfit: fo loses 2 points; timm-recipe: two
+    seeds only; short: the old rows of issue 5, with a sensitivity grid."""
     rows = []
+
+    def add(setting, method, seed, top1, model="net_a", path="engine", seconds=10.0, step=1e-3, **kw):
+        rule = "-" if method in g.BASELINES else kw.pop("rule", g.DEFAULT_RULE)
+        rows.append({"device": "cpu test", "setting": setting, "path": path, "method": method, "model": model,
+                     "seed": seed, "epochs": 2, "train_samples": kw.pop("n", 1000), "alpha_rule": rule,
+                     "samples_seen": 1920, "optimizer_steps": 15, "wall_seconds": seconds, "final_top1": top1,
+                     "best_top1": top1 + 0.5, "test_loss": 0.5, "final_train_loss": 0.4,
+                     "mean_grad_cosine": "" if method == "sam" else 0.3,
+                     "mean_relative_step": "" if method == "sam" else (0.0 if method == "none" else step),
+                     "mean_update_ratio": "" if method in g.BASELINES else 0.6, "gamma": kw.pop("gamma", 0.5),
+                     "alpha_scale": kw.pop("alpha_scale", 1.0), "batch_size": 64, "lr": 0.05})
+
+    wobble, noise = (0.0, 0.2, -0.2), (0.0, 0.4, -0.3)   # seed-to-seed changes of a gain
     for model in ("net_a", "net_b"):
         for seed in range(3):
-            for method, gain, seconds in (("none", 0.0, 10.0), ("full", 1.0, 25.0), ("sam", 0.3 * (seed - 1), 18.0)):
-                rows.append(dict(model=model, method=method, seed=seed, top1=80 + seed + gain, seconds=seconds))
-    rows += [dict(model="net_a", method="full", seed=0, top1=79 + gamma + a, seconds=25.0, gamma=gamma, alpha_scale=a)
-             for gamma in g.GAMMAS for a in g.ALPHA_SCALES if (gamma, a) != (0.5, 1.0)]
-    return [{"device": "cpu test", "method": r["method"], "model": r["model"], "seed": r["seed"], "epochs": 2,
-             "train_samples": 1000, "samples_seen": 1920, "optimizer_steps": 15, "wall_seconds": 2 * r["seconds"],
-             "final_top1": r["top1"], "best_top1": r["top1"] + 0.5, "test_loss": 0.5, "final_train_loss": 0.4,
-             "mean_grad_cosine": "" if r["method"] == "sam" else 0.3, "gamma": r.get("gamma", 0.5),
-             "alpha_scale": r.get("alpha_scale", 1.0), "batch_size": 64, "lr": 0.05} for r in rows]
+            base = 80 + seed
+            add("underfit", "none", seed, base, model)
+            add("underfit", "fo", seed, base + 1.0 + wobble[seed], model)
+            add("underfit", "conv", seed, base + noise[seed], model, seconds=15.0)
+            add("underfit", "sam", seed, base + 0.2 * (seed - 1), model, seconds=20.0)
+            add("overfit", "none", seed, base, model)
+            add("overfit", "fo", seed, base - 2.0 + wobble[seed], model)
+            add("overfit", "sam", seed, base + 0.5 * (seed - 1), model)
+    for seed in range(2):
+        add("timm-recipe", "none", seed, 85.0 + seed)
+        add("timm-recipe", "fo", seed, 85.5 + seed)
+    for seed in range(3):
+        add("short", "none", seed, 87.0 + seed)
+        add("short", "full", seed, 87.2 + seed, rule="lr")
+    for gamma in g.GAMMAS:
+        for scale in g.ALPHA_SCALES:
+            if (gamma, scale) != (0.5, 1.0):
+                add("short", "full", 0, 86 + gamma + scale, rule="lr", gamma=gamma, alpha_scale=scale)
+    return rows
 
 
-def test_report_writes_the_doc_and_the_plot_from_a_csv(tmp_path):
+def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
     g = load_benchmark()
     results, doc = tmp_path / "results.csv", tmp_path / "docs" / "generalization.md"
@@ -76,18 +179,40 @@ def test_report_writes_the_doc_and_the_plot_from_a_csv(tmp_path):
         g.append_row(results, row)
     bench("--report", "--csv", str(results), "--doc", str(doc))
     text = doc.read_text()
-    assert "| net_a | full | 82.00 ± 1.00 (n=3) |" in text
-    assert "| 1.00 ± 0.00 (n=3) | 2.50x (25.0 s) |" in text           # paired difference, cost vs none
-    assert "### Sensitivity: full on net_a" in text
-    assert "full: +1.00 points vs `none` over 3 paired seed(s), the mean exceeds" in text
-    assert "sam: +0.00 points vs `none` over 3 paired seed(s), within the seed-to-seed std" in text
+    for setting in ("underfit", "overfit", "timm-recipe", "short"):
+        assert f"## Setting `{setting}`" in text
+    sections = {part.split("\n", 1)[0]: part for part in text.split("## Setting ")[1:]}
+    underfit, overfit = sections["`underfit`"], sections["`overfit`"]
+    recipe, short = sections["`timm-recipe`"], sections["`short`"]
+    # the table: mean ± std, paired differences to none and to SAM, relative inner step, cost
+    assert "| net_a | fo | optimizer | 82.00 ± 0.92 (n=3) |" in underfit
+    assert "| 1.00 ± 0.20 (n=3) | 1.00 ± 0.35 (n=3) | 1.0e-03 ± 0.0e+00 (n=3) | 0.60 ± 0.00 (n=3) | 1.00x (10 s) |" \
+        in underfit
+    assert "| net_a | sam | - |" in underfit and "2.00x (20 s)" in underfit
+    # the verdicts a user acts on
+    assert "**MLTP helps here**: fo (optimizer) on net_a (+1.00 ± 0.20 vs none, +1.00 ± 0.35 vs SAM, 1.00x the " \
+           "time); fo (optimizer) on net_b (" in underfit
+    assert "Of these, fo (optimizer) on net_a, fo (optimizer) on net_b also beat SAM." in underfit
+    assert "conv (optimizer) on net_a: +0.03 ± 0.35 points vs `none` over 3 paired seed(s), within the " \
+           "seed-to-seed std" in underfit
+    assert "**MLTP does not help here**: no MLTP variant beats standard training (`none`)" in overfit
+    assert "- Worse than standard training: fo (optimizer) on net_a (-2.00 ± 0.20 vs none" in overfit
+    assert "- The default rule `optimizer` loses more than the seed-to-seed std of standard training: " \
+           "fo (optimizer) on net_a (-2.00, std of none 1.00)" in overfit
+    assert "- The default rule `optimizer` loses no more than the seed-to-seed std" in underfit
+    assert "**Not enough runs** for a verdict: 3 seeds per cell are needed; seeds so far: none on net_a (2), " \
+           "fo (optimizer) on net_a (2)." in recipe
+    # the old setting keeps its section, sensitivity grid included
+    assert "#### Sensitivity: full (lr) on net_a, final top-1" in short and "| full | lr |" in short
+    # the summary at the top: one verdict per group
+    summary = text.split("## Verdicts", 1)[1].split("## Setting", 1)[0]
+    assert summary.count("\n- `") == 4 and "- `overfit`, engine, 1,000 training images" in summary
     assert doc.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):
-    pytest.importorskip("pytorch_optimizer")
     g = load_benchmark()
-    run = g.Run("sam", "test_resnet", seed=0, epochs=1, train_samples=256)
+    run = g.Run("underfit", "engine", "sam", "test_resnet", seed=0, epochs=1, train_samples=256, alpha_rule="-")
     trainer = g.SAMTrainer(g.train_args(run, None, str(tmp_path)))
     batch = next(iter(trainer.train_loader))
     model = trainer.module.train()
@@ -107,10 +232,12 @@ def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):
             p.sub_(grad, alpha=g.SAM_RHO / norm.item())          # back to w
     for p, grad in zip(params, grads_at_e):
         p.grad = grad
+    # the setting clips the gradient at norm 1 before the step, as the engine does
+    torch.nn.utils.clip_grad_norm_(params, g.SETTINGS["underfit"].clip_grad)
     position = {id(p): i for i, p in enumerate(model.parameters())}
     settings = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
     torch.optim.SGD([{"params": [params[position[id(p)]] for p in group["params"]],
-                      **{k: group[k] for k in settings}} for group in trainer.optimizer.param_groups]).step()
+                      **{k: group.get(k, 0.0) for k in settings}} for group in trainer.optimizer.param_groups]).step()
 
     stats = trainer.train_step(batch)
     assert stats is not None and trainer.num_updates == 1
