@@ -2,16 +2,18 @@
 from .distributed import average_gradients
 from .errors import MLTPConfigError
 from .inner_step import InnerStepSize
-from .mltp import (ALPHA_RULES, MLTPConfig, MLTPStats, alpha_from_optimizer, mltp_backward, second_order_in_use)
+from .mltp import (ALPHA_RULES, MLTPConfig, MLTPStats, SecondOrderCheck, alpha_from_optimizer, mltp_backward,
+                   second_order_check, second_order_in_use)
 from .step import MLTPStep
 from .tasks import split_tasks
 from .selection import VARIANTS, select_parameters, summarize_selection
 
 __version__ = "0.1.0"
 
-__all__ = ["ALPHA_RULES", "InnerStepSize", "MLTPConfig", "MLTPStep", "MLTPConfigError", "MLTPStats", "MLTPTrainer", "MLTPTrainingArguments", "VARIANTS",
-           "alpha_from_optimizer", "average_gradients", "mltp_backward", "second_order_in_use", "select_parameters",
-           "split_tasks", "summarize_selection"]
+__all__ = ["ALPHA_RULES", "InnerStepSize", "MLTPConfig", "MLTPStep", "MLTPConfigError", "MLTPStats", "MLTPTrainer",
+           "MLTPTrainingArguments", "SecondOrderCheck", "VARIANTS", "alpha_from_optimizer", "average_gradients",
+           "mltp_backward", "second_order_check", "second_order_in_use", "select_parameters", "split_tasks",
+           "summarize_selection"]
 
 
 def __getattr__(name):

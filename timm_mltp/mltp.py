@@ -12,13 +12,18 @@ like `loss.backward()`. Four ways to get it, one function each:
     exact  double backward through the inner gradient of S         2 fwd + 2 bwd + double bwd of S
     fd     (1-gamma) g_i + gamma (g_j' - H_i v), v = alpha P_S g_j',
            H_i v from gradients of L_i at w + r v (and w - r v)    3 (4) fwd + 3 (4) bwd
+
+`auto` runs both on its first step, from the same state, and keeps fd only where it lands within
+FD_TOLERANCE of exact and is faster; fd alone (exact unavailable, or asked for) is checked for kinks once.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import re
+import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -27,8 +32,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .double_backward import twice_differentiable
 from .errors import MLTPConfigError
-from .passes import (evaluated_at, frozen_running_stats, replayed_rng, rng_devices, rng_state, undone_on_error)
+from .passes import (evaluated_at, frozen_running_stats, replayed_rng, restore_state, rng_devices, rng_state,
+                     state_of, undone_on_error)
 from .selection import select_parameters
 from .tasks import split_tasks
 
@@ -130,6 +137,7 @@ class _Plan:
     in_s: list[bool]   # which of them are in S
     scratch: list[torch.Tensor] = field(default_factory=list)  # fo/fd: storage for w' and w + r v
     auto: dict = field(default_factory=dict)  # (device, dtype) -> the second order `auto` settled on
+    checks: dict = field(default_factory=dict)  # (device, dtype) -> SecondOrderCheck, what that rests on
 
     @property
     def s_index(self) -> list[int]:
@@ -312,38 +320,41 @@ def _exact(step: _Step, task_i, task_j):
     model, plan = step.model, step.plan
     s_params = [plan.params[k] for k in plan.s_index]
     s_names = [plan.names[k] for k in plan.s_index]
-    loss_i = step.loss(model, task_i, "task_i")
-    # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
-    g_s = step.grad(loss_i, s_params, create_graph=True)
-    w_prime = _inner_step(s_params, g_s, step.inner_step_sizes(g_s), step.scale)   # w' = w - alpha P_S g_i
-    with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(s_names, w_prime))) as at_w:
-        loss_j = step.loss(at_w, task_j, "task_j")
-    # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
-    grads = step.grad(torch.lerp(loss_i, loss_j, step.cfg.gamma), plan.params + w_prime)
+    with twice_differentiable():            # math attention, composite hard-swish: ops that have a double backward
+        loss_i = step.loss(model, task_i, "task_i")
+        # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
+        g_s = step.grad(loss_i, s_params, create_graph=True)
+        w_prime = _inner_step(s_params, g_s, step.inner_step_sizes(g_s), step.scale)   # w' = w - alpha P_S g_i
+        with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(s_names, w_prime))) as at_w:
+            loss_j = step.loss(at_w, task_j, "task_j")
+        # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
+        grads = step.grad(torch.lerp(loss_i, loss_j, step.cfg.gamma), plan.params + w_prime)
     n = len(plan.params)
     return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:])
 
 
-def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, low_precision: bool) -> list[torch.Tensor]:
+def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, scheme: str, full_precision: bool,
+                            eps: float | None = None) -> list[torch.Tensor]:
     """H_i v for v = alpha P_S v_dir (scaled by the loss scale), as a finite difference of grad L_i.
 
     The extra passes replay task i's random state (same dropout masks) and leave running statistics alone.
-    Step r such that ||r v|| = fd_eps * ||w_S|| (fd_eps itself where ||w_S|| = 0). Under bf16/fp16 autocast a
-    difference of two low-precision gradients is mostly rounding noise (0.3 to 1.0 relative error at any step
-    size, benchmarks/fd_error.py): there it is a central difference of two float32 passes.
+    Step r such that ||r v|| = eps * ||w_S|| (eps itself where ||w_S|| = 0); eps by scheme and dtype unless
+    given. `full_precision`: the passes run outside bf16/fp16 autocast, where a difference of two
+    low-precision gradients is mostly rounding noise (0.3 to 1.0 relative error at any step size,
+    benchmarks/fd_error.py); a forward difference then takes grad L_i at w again instead of reusing g_i.
     """
-    model, plan, cfg, alphas, scale = step.model, step.plan, step.cfg, step.alphas, step.scale
+    model, plan, alphas, scale = step.model, step.plan, step.alphas, step.scale
     s_idx = plan.s_index
     s_names = [plan.names[k] for k in s_idx]
     w_s = [plan.params[k] for k in s_idx]
-    scheme = "central" if low_precision else cfg.fd_scheme
     with torch.no_grad():
-        eps = cfg.fd_eps or _FD_EPS[scheme].get(w_s[0].dtype, _FD_EPS[scheme][torch.float32])
+        eps = eps or _FD_EPS[scheme].get(w_s[0].dtype, _FD_EPS[scheme][torch.float32])
         w_norm = _norms(w_s).norm()
         v_norm = (_norms(v_dir) * torch.tensor([a / scale for a in alphas], device=w_norm.device)).norm()
         reference = torch.where(w_norm > 0, w_norm, torch.ones_like(w_norm))
         r = float(eps * reference / v_norm.clamp_min(1e-30))          # one sync; fused adds below
-    if not math.isfinite(r * max(alphas) / scale):                    # v = 0 (or underflowed): H_i v = 0
+    # v = 0 (or underflowed): H_i v = 0. v not finite (fp16 overflow): g_j' is not either, and the step is skipped
+    if not (r > 0 and math.isfinite(r * max(alphas) / scale)):
         return [torch.zeros_like(g) for g in g_i]
     device = w_s[0].device.type
     devices = rng_devices(plan.params)
@@ -351,20 +362,39 @@ def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, low_precisio
     def g_i_at(sign: float) -> list[torch.Tensor]:
         """grad L_i at w + sign r v."""
         shifted = _inner_step(w_s, v_dir, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
-        full_precision = torch.autocast(device, enabled=False) if low_precision else contextlib.nullcontext()
-        with replayed_rng(rng_i, devices), frozen_running_stats(model), full_precision, \
+        precision = torch.autocast(device, enabled=False) if full_precision else contextlib.nullcontext()
+        with replayed_rng(rng_i, devices), frozen_running_stats(model), precision, \
                 evaluated_at(model, dict(zip(s_names, shifted))) as at_shifted:
             loss = step.loss(at_shifted, task_i, "task_i")
         return step.grad(loss, _replace(plan.params, s_idx, shifted))
 
     g_plus = g_i_at(+1.0)
-    g_minus = g_i_at(-1.0) if scheme == "central" else g_i
+    if scheme == "central":
+        g_minus = g_i_at(-1.0)
+    else:
+        g_minus = g_i_at(0.0) if full_precision else g_i
     torch._foreach_sub_(g_plus, g_minus)                             # r H_i v (2 r H_i v if central)
     torch._foreach_mul_(g_plus, 1 / (2 * r if scheme == "central" else r))
     return g_plus
 
 
-def _finite_difference(step: _Step, task_i, task_j):
+@dataclass
+class _FdTerms:
+    """fd's terms before they are combined into (1-gamma) g_i + gamma (g_j' - H_i v)."""
+
+    g_i: list[torch.Tensor]     # grad L_i(w), every trainable parameter
+    g_j: list[torch.Tensor]     # g_j' = grad L_j(w'), every trainable parameter
+    v_dir: list[torch.Tensor]   # P_S g_j'; v = alpha P_S g_j'
+    h_i_v: list[torch.Tensor]
+    loss_i: torch.Tensor
+    loss_j: torch.Tensor
+    cosine: torch.Tensor
+    rng_i: tuple                # task i's random state, to replay its dropout masks
+    scheme: str                 # forward | central
+    full_precision: bool        # H_i v from float32 passes under bf16/fp16 autocast
+
+
+def _fd_terms(step: _Step, task_i, task_j) -> _FdTerms:
     model, plan = step.model, step.plan
     rng_i = rng_state(rng_devices(plan.params))                      # to replay task i's dropout masks
     loss_i = step.loss(model, task_i, "task_i")
@@ -384,13 +414,216 @@ def _finite_difference(step: _Step, task_i, task_j):
     device = w_s[0].device.type
     low_precision = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16,
                                                                                             torch.bfloat16)
-    h_i_v = _hessian_vector_product(step, task_i, rng_i, g_i, g_j_s, low_precision)   # v = alpha P_S g_j'
-    torch._foreach_sub_(g_j, h_i_v)                                  # g_j' - H_i v
-    torch._foreach_lerp_(g_i, g_j, step.cfg.gamma)                   # (1-gamma) g_i + gamma (g_j' - H_i v)
-    return g_i, loss_i, loss_j, cosine
+    scheme = "central" if low_precision else step.cfg.fd_scheme
+    h_i_v = _hessian_vector_product(step, task_i, rng_i, g_i, g_j_s, scheme, low_precision, step.cfg.fd_eps)
+    return _FdTerms(g_i, g_j, g_j_s, h_i_v, loss_i, loss_j, cosine, rng_i, scheme, low_precision)
+
+
+def _fd_gradient(step: _Step, t: _FdTerms) -> list[torch.Tensor]:
+    torch._foreach_sub_(t.g_j, t.h_i_v)                              # g_j' - H_i v
+    torch._foreach_lerp_(t.g_i, t.g_j, step.cfg.gamma)               # (1-gamma) g_i + gamma (g_j' - H_i v)
+    return t.g_i
+
+
+def _finite_difference(step: _Step, task_i, task_j):
+    t = _fd_terms(step, task_i, task_j)
+    return _fd_gradient(step, t), t.loss_i, t.loss_j, t.cosine
 
 
 _METHODS = {"none": _none, "first": _first_order, "exact": _exact, "fd": _finite_difference}
+
+
+# ---- trusting the second order (SPEC.md, Two ways to get the second order: kinks, auto)
+
+# `auto` keeps fd only where fd's second-order term gamma H_i v lands within this of exact's (relative L2 over
+# all trainable parameters, first step). Smooth timm models, float32: 1e-4 to 1e-2; ReLU / max-pool / hard-swish
+# networks: 1 and more, at any step size (README, benchmarks/second_order.py).
+FD_TOLERANCE = 0.05
+# ... and only where one fd step takes less than this times one exact step: fd is the approximation, and one
+# timing of each (warm) varies by 20% on a busy machine.
+FD_SPEEDUP = 0.8
+# fd's forward and central estimates of H_i v (each at its default step) differ by more than this: the steps
+# cross kinks. Smooth timm models: 1e-3 to 3e-2; kinked ones: 0.5 and more (README, benchmarks/second_order.py).
+KINK_TOLERANCE = 0.2
+
+
+@dataclass(frozen=True)
+class SecondOrderCheck:
+    """What the first step of `auto` (or of second_order='fd') measured for one model, selection, device and
+    dtype. `second_order_check(model, cfg)` returns it."""
+
+    choice: str            # exact | fd: what runs from then on
+    exact: str             # ok | not tried | why double backward fails even with timm_mltp.double_backward
+    fd_error: float        # ||gamma (H_i v by fd - H_i v exact)|| / ||gamma H_i v exact||; nan without exact
+    disagreement: float    # ||H_i v forward - H_i v central|| / ||H_i v central||: fd across kinks
+    exact_seconds: float   # one exact step, warm; nan where not timed (speed decides only where fd is accurate)
+    fd_seconds: float      # one fd step, warm; nan where not timed
+
+    @property
+    def kinked(self) -> bool:
+        return self.disagreement > KINK_TOLERANCE
+
+    @property
+    def fd_accurate(self) -> bool:
+        """fd matched exact on this step, and not by luck: a step that crossed no kink this time crosses
+        some on later steps wherever the detector finds them."""
+        return self.fd_error <= FD_TOLERANCE and not self.kinked
+
+
+def _norm(a: list[torch.Tensor]) -> float:
+    return float(_norms(a).norm())
+
+
+def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return _norm(torch._foreach_sub(a, b))
+
+
+def _ratio(num: float, den: float) -> float:
+    """num / den; nan where both are 0 (nothing to measure: alpha = 0)."""
+    return num / den if den > 0 else (math.nan if num == 0 else math.inf)
+
+
+def _timed(step: _Step, fn, *args):
+    device = step.plan.params[0].device
+    backend = getattr(torch, device.type, None)
+    sync = backend.synchronize if device.type != "cpu" and hasattr(backend, "synchronize") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn(step, *args)
+    sync()
+    return out, time.perf_counter() - start
+
+
+def _fd_disagreement(step: _Step, task_i, t: _FdTerms) -> float:
+    """The kink detector: fd's other scheme at its own default step, against the step's estimate of H_i v.
+    Where L_i is smooth they differ by the forward difference's truncation error; across kinks (ReLU,
+    max-pool, hard-swish) each estimate is dominated by gradient jumps that do not shrink with the step."""
+    other = "central" if t.scheme == "forward" else "forward"
+    h_other = _hessian_vector_product(step, task_i, t.rng_i, t.g_i, t.v_dir, other, t.full_precision)
+    forward, central = (t.h_i_v, h_other) if t.scheme == "forward" else (h_other, t.h_i_v)
+    return _ratio(_distance(forward, central), _norm(central))
+
+
+def _fd_judged(step: _Step, task_i, task_j):
+    """An fd step with what judges it: the kink detector and the first-order part (1-gamma) g_i + gamma g_j'
+    (exact and fd differ from it by their second-order terms)."""
+    t = _fd_terms(step, task_i, task_j)
+    disagreement = _fd_disagreement(step, task_i, t) if step.inner_step > 0 else math.nan
+    first_order = torch._foreach_lerp(t.g_i, t.g_j, step.cfg.gamma)
+    return (_fd_gradient(step, t), t.loss_i, t.loss_j, t.cosine), first_order, disagreement
+
+
+def _exact_or_why(step: _Step, task_i, task_j, devices: list[int]):
+    """(exact's result, "ok"), or (None, why) where double backward fails even with the replacements."""
+    try:
+        with undone_on_error(step.model, devices):
+            return _exact(step, task_i, task_j), "ok"
+    except (RuntimeError, NotImplementedError) as e:
+        if not is_double_backward_error(e):
+            raise
+        return None, _first_line(e)
+
+
+def _left_by(step: _Step, devices: list[int]):
+    """What a step leaves besides its gradient: buffers, random state, the inner step's sizes."""
+    return state_of(step.model, devices), (step.alphas, step.inner_step, step.relative_step)
+
+
+def _as_left_by(step: _Step, left, devices: list[int]) -> None:
+    restore_state(step.model, left[0], devices)
+    step.alphas, step.inner_step, step.relative_step = left[1]
+
+
+def _warm_seconds(step: _Step, task_i, task_j, before, devices: list[int]) -> list[float]:
+    """One more step of exact and of fd, timed: the first run of each pays for caches, allocations and kernel
+    selection (8x on a small model), which training does not."""
+    seconds = []
+    for method in (_exact, _finite_difference):
+        _as_left_by(step, before, devices)
+        seconds.append(_timed(step, method, task_i, task_j)[1])
+    return seconds
+
+
+def _probe(step: _Step, task_i, task_j):
+    """`auto`'s measurement: exact and fd from the same state (buffers and random state restored between
+    them), fd's kink detector, and where fd is accurate, one warm step of each, timed. Returns the step's result
+    by the chosen method, leaving what a plain run of it leaves, and the check; None where this step cannot
+    tell (alpha = 0, non-finite gradients)."""
+    devices = rng_devices(step.plan.params)
+    before = _left_by(step, devices)
+    exact, exact_status = _exact_or_why(step, task_i, task_j, devices)
+    if exact is not None and not step.inner_step > 0:               # no second-order term to measure
+        return (*exact, "exact"), None
+    left = {"exact": _left_by(step, devices)}
+    _as_left_by(step, before, devices)
+    fd, first_order, disagreement = _fd_judged(step, task_i, task_j)
+    left["fd"] = _left_by(step, devices)
+    check = SecondOrderCheck("fd", exact_status, math.nan, disagreement, math.nan, math.nan)
+    if exact is not None:   # exact = first_order - gamma H v, fd = first_order - gamma H v by fd
+        fd_error = _ratio(_distance(fd[0], exact[0]), _distance(first_order, exact[0]))
+        check = dataclasses.replace(check, fd_error=fd_error)
+        if check.fd_accurate:                                      # then speed decides
+            exact_seconds, fd_seconds = _warm_seconds(step, task_i, task_j, before, devices)
+            check = dataclasses.replace(check, exact_seconds=exact_seconds, fd_seconds=fd_seconds)
+        if not (check.fd_accurate and check.fd_seconds < FD_SPEEDUP * check.exact_seconds):
+            check = dataclasses.replace(check, choice="exact")
+    _as_left_by(step, left[check.choice], devices)
+    measured = _measurable(step, fd[0], disagreement) and (exact is None or _measurable(step, exact[0], check.fd_error))
+    result = exact if check.choice == "exact" else fd
+    return (*result, check.choice), check if measured else None
+
+
+def _measurable(step: _Step, grads: list[torch.Tensor], ratio: float) -> bool:
+    """Whether a ratio measured on this step means something: alpha > 0 (a second-order term to measure), finite
+    gradients (fp16 overflows on early steps), a defined ratio."""
+    return step.inner_step > 0 and not math.isnan(ratio) and math.isfinite(_norm(grads))
+
+
+def _auto(step: _Step, task_i, task_j):
+    """`auto`: measure on the first step that can tell, then settle for this model, selection, device and dtype."""
+    result, check = _probe(step, task_i, task_j)
+    if check is not None:
+        key = _auto_key(step.plan)
+        step.plan.auto[key], step.plan.checks[key] = check.choice, check
+        _report(step.model, step.cfg, check)
+    return result
+
+
+def _checked_fd(step: _Step, task_i, task_j):
+    """second_order='fd', first step that can tell: the kink detector runs once, and warns."""
+    result, _, disagreement = _fd_judged(step, task_i, task_j)
+    if _measurable(step, result[0], disagreement):
+        check = SecondOrderCheck("fd", "not tried", math.nan, disagreement, math.nan, math.nan)
+        step.plan.checks[_auto_key(step.plan)] = check
+        _report(step.model, step.cfg, check)
+    return (*result, "fd")
+
+
+_ADVICE = ("For a gradient you can trust use variant 'fo' (first order: no second-order term), or a network "
+           "with smooth activations (SiLU, GELU) and average pooling")
+
+
+def _report(model: nn.Module, cfg: MLTPConfig, check: SecondOrderCheck) -> None:
+    """One log line per measurement: info where the second order is trustworthy, a warning where it is not."""
+    who = f"MLTP second order for {type(model).__name__} (variant {cfg.variant!r})"
+    kinks = (f"fd's forward and central estimates of H_i v differ by {check.disagreement:.2g} (smooth networks: "
+             f"below {KINK_TOLERANCE:g}): its steps cross the kinks of ReLU, max-pool or hard-swish")
+    if check.exact != "ok" and check.kinked:
+        if cfg.second_order == "fd":
+            _logger.warning("%s: second_order='fd' is unreliable here: %s. second_order='auto' runs exact double "
+                            "backward (the derivative almost everywhere) where the model allows it. %s.", who,
+                            kinks, _ADVICE)
+        else:
+            _logger.warning("%s is unreliable: double backward fails (%s), and %s. Training continues with fd. %s.",
+                            who, check.exact, kinks, _ADVICE)
+    elif check.exact != "ok":
+        _logger.info("%s: fd (double backward: %s); its forward and central estimates of H_i v agree to %.2g: "
+                     "smooth", who, check.exact, check.disagreement)
+    else:
+        timing = f"; one step: fd {check.fd_seconds:.3g} s, exact {check.exact_seconds:.3g} s"
+        _logger.info("%s: %s; fd's second-order term is %.2g from exact's and its schemes disagree by %.2g (fd is "
+                     "kept within %g and %g, where faster)%s", who, check.choice, check.fd_error, check.disagreement,
+                     FD_TOLERANCE, KINK_TOLERANCE, timing if check.fd_accurate else "")
 
 
 def _method_for(model: nn.Module, plan: _Plan, cfg: MLTPConfig) -> str:
@@ -406,6 +639,23 @@ def _method_for(model: nn.Module, plan: _Plan, cfg: MLTPConfig) -> str:
 def _auto_key(plan: _Plan) -> tuple:
     p = plan.params[plan.s_index[0]]
     return p.device, p.dtype
+
+
+def _gradient(step: _Step, method: str, task_i, task_j):
+    """(grads, L_i, L_j, cosine, method actually used): the method's function, or the first-step checks."""
+    if method == "auto":
+        return _auto(step, task_i, task_j)
+    if method == "fd" and _auto_key(step.plan) not in step.plan.checks:
+        return _checked_fd(step, task_i, task_j)
+    try:
+        return (*_METHODS[method](step, task_i, task_j), method)
+    except (RuntimeError, NotImplementedError) as e:
+        if method == "exact" and is_double_backward_error(e):
+            raise MLTPConfigError(f"second_order='exact' needs double backward, which {type(step.model).__name__} "
+                                  f"does not support even with math attention and composite hard-swish "
+                                  f"({_first_line(e)}). Use second_order='auto' (fd, checked for kinks) or "
+                                  f"'fd'.") from e
+        raise
 
 
 def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any], torch.Tensor],
@@ -426,16 +676,7 @@ def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any]
         _alphas(alpha, [plan.names[k] for k in plan.s_index])         # bad alpha: an error before any pass
     method = _method_for(model, plan, cfg)
     with torch.enable_grad():
-        if method == "auto":
-            grads, loss_i, loss_j, cosine, method = _auto(step, task_i, task_j)
-        else:
-            try:
-                grads, loss_i, loss_j, cosine = _METHODS[method](step, task_i, task_j)
-            except (RuntimeError, NotImplementedError) as e:
-                if method == "exact" and is_double_backward_error(e):
-                    raise MLTPConfigError(f"second_order='exact' needs double backward, which {type(model).__name__} "
-                                          f"does not support ({_first_line(e)}). Use second_order='fd' or 'auto'.") from e
-                raise
+        grads, loss_i, loss_j, cosine, method = _gradient(step, method, task_i, task_j)
     for p, g in zip(plan.params, grads):
         if p.grad is None:
             p.grad = g.detach()
@@ -468,31 +709,18 @@ def is_double_backward_error(e: BaseException) -> bool:
     return isinstance(e, (RuntimeError, NotImplementedError)) and bool(_NO_DOUBLE_BACKWARD.search(str(e)))
 
 
-def _auto(step: _Step, task_i, task_j):
-    """`auto`, first call for this model, selection, device and dtype: try double backward; where it fails
-    (and only for lack of a double backward), settle on fd for good."""
-    model, plan = step.model, step.plan
-    try:
-        with undone_on_error(model, rng_devices(plan.params)):
-            result = _exact(step, task_i, task_j)
-        plan.auto[_auto_key(plan)] = "exact"
-        _logger.info("MLTP second order for %s: exact (double backward)", type(model).__name__)
-        return (*result, "exact")
-    except (RuntimeError, NotImplementedError) as e:
-        if not is_double_backward_error(e):
-            raise
-        _logger.warning("MLTP second order for %s: fd (finite differences), since double backward fails: %s",
-                        type(model).__name__, _first_line(e))
-    # the failed attempt left no trace (buffers and random state restored; nothing reached .grad, since
-    # gradients go through autograd.grad and are accumulated at the end): this is a plain fd step
-    plan.auto[_auto_key(plan)] = "fd"
-    return (*_finite_difference(step, task_i, task_j), "fd")
-
-
 def second_order_in_use(model: nn.Module, cfg: MLTPConfig) -> str:
     """What `auto` settled on for this model and selection (after its first step), else what cfg asks for."""
     return _method_for(model, _plan(model, cfg.variant), cfg)
 
 
-__all__ = ["ALPHA_RULES", "MLTPConfig", "MLTPStats", "alpha_from_optimizer", "is_double_backward_error",
-           "mltp_backward", "second_order_in_use", "split_tasks"]
+def second_order_check(model: nn.Module, cfg: MLTPConfig) -> SecondOrderCheck | None:
+    """What the first step of `auto` (or of second_order='fd') measured for this model and selection on the
+    device and dtype of its parameters; None before that step, and for variants without a second order."""
+    plan = _plan(model, cfg.variant)
+    return plan.checks.get(_auto_key(plan)) if any(plan.in_s) else None
+
+
+__all__ = ["ALPHA_RULES", "FD_SPEEDUP", "FD_TOLERANCE", "KINK_TOLERANCE", "MLTPConfig", "MLTPStats",
+           "SecondOrderCheck", "alpha_from_optimizer", "is_double_backward_error", "mltp_backward",
+           "second_order_check", "second_order_in_use", "split_tasks"]

@@ -60,17 +60,28 @@ def replayed_rng(state, devices: list[int]):
         yield
 
 
+def state_of(model: nn.Module, devices: list[int]):
+    """What a pass changes besides the gradients it returns: buffers (running statistics) and random state."""
+    return {n: b.detach().clone() for n, b in model.named_buffers()}, rng_state(devices)
+
+
+def restore_state(model: nn.Module, state, devices: list[int]) -> None:
+    """Back to `state_of(model, devices)`: a pass run since then leaves no trace."""
+    buffers, rng = state
+    with torch.no_grad():
+        for n, b in model.named_buffers():
+            if n in buffers:
+                b.copy_(buffers[n])
+    set_rng_state(rng, devices)
+
+
 @contextlib.contextmanager
 def undone_on_error(model: nn.Module, devices: list[int]):
     """Restore buffers (running statistics) and the random state when the block raises: a failed attempt
     at one way of getting the gradient leaves no trace for the next."""
-    rng, buffers = rng_state(devices), {n: b.detach().clone() for n, b in model.named_buffers()}
+    before = state_of(model, devices)
     try:
         yield
     except BaseException:
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-        set_rng_state(rng, devices)
+        restore_state(model, before, devices)
         raise
