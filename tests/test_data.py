@@ -170,6 +170,19 @@ def test_hub_id_offline(monkeypatch):
     _raises("someone/some-dataset", "offline", "HF_HUB_OFFLINE", "local folder", name_or_path="someone/some-dataset")
 
 
+def test_timm_dataset_names(monkeypatch, tmp_path):
+    """timm's `hfds/ID` is the hub dataset ID; timm's other types need timm's loaders and are refused."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    msg = _raises("'someone/some-dataset'", "offline", name_or_path="hfds/someone/some-dataset")
+    assert "hfds" not in msg
+    _raises("torch/cifar10", "timm's torch/ datasets", "hub id", name_or_path="torch/cifar10")
+    monkeypatch.chdir(tmp_path)                     # a local folder of that name wins
+    datasets.DatasetDict({"train": _small()}).save_to_disk("wds/mine")
+    assert len(load_image_dataset("wds/mine").train) == 6
+
+
 def test_no_train_split(tmp_path):
     datasets.DatasetDict({"fit": _small(), "test": _small(1)}).save_to_disk(str(tmp_path))
     _raises("'train'", "['fit', 'test']", "train_split", name_or_path=tmp_path)

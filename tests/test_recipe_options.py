@@ -215,6 +215,35 @@ def test_checkpoint_history_recovery_files_and_eval_metric(tmp_path, tiny_data):
     assert {"last.pth.tar", "model_best.pth.tar", "args.yaml", "summary.csv"} <= files
 
 
+def test_resume_with_accumulation_mixup_and_ema_is_exact(tmp_path, tiny_data):
+    args = quick_args(tmp_path, tiny_data, epochs=2, grad_accum_steps=2, mixup=0.5, cutmix=0.5, model_ema=True,
+                      model_ema_decay=0.5, drop_rate=0.2, checkpoint_interval=1)
+    whole = Trainer(replace(args, experiment="whole"))
+    whole.fit()
+
+    class Killed(Exception):
+        pass
+
+    cut = Trainer(replace(args, experiment="cut"))
+    save = cut.save
+
+    def save_then_die(kind, **where):
+        save(kind, **where)
+        if kind == "last" and cut.num_updates == 3:     # mid-epoch 1 (2 optimizer steps per epoch)
+            raise Killed
+
+    cut.save = save_then_die
+    with pytest.raises(Killed):
+        cut.fit()
+    resumed = Trainer(replace(args, experiment="cut", resume=str(tmp_path / "cut" / "last.pth.tar")))
+    assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
+    resumed.fit()
+    for ours, theirs in ((resumed.module, whole.module), (resumed.ema.module, whole.ema.module)):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert resumed.rows == whole.rows
+
+
 # ---- -c / --config ---------------------------------------------------------------------------------
 
 def test_args_yaml_round_trips_through_config(tmp_path, tiny_data, capsys):
