@@ -436,14 +436,14 @@ _METHODS = {"none": _none, "first": _first_order, "exact": _exact, "fd": _finite
 # ---- trusting the second order (SPEC.md, Two ways to get the second order: kinks, auto)
 
 # `auto` keeps fd only where fd's second-order term gamma H_i v lands within this of exact's (relative L2 over
-# all trainable parameters, first step). Smooth timm models, float32: 1e-4 to 1e-2; ReLU / max-pool / hard-swish
-# networks: 1 and more, at any step size (README, benchmarks/second_order.py).
+# all trainable parameters, first step). Smooth timm models, float32: 6e-4 to 2e-2; ReLU / max-pool / hard-swish
+# networks: 0.3 to 50 at any step size, except on a step that happens to cross no kink (then the detector).
 FD_TOLERANCE = 0.05
 # ... and only where one fd step takes less than this times one exact step: fd is the approximation, and one
 # timing of each (warm) varies by 20% on a busy machine.
 FD_SPEEDUP = 0.8
 # fd's forward and central estimates of H_i v (each at its default step) differ by more than this: the steps
-# cross kinks. Smooth timm models: 1e-3 to 3e-2; kinked ones: 0.5 and more (README, benchmarks/second_order.py).
+# cross kinks. Smooth timm models: 6e-4 to 4e-2; kinked ones: 0.5 and more (README, benchmarks/second_order.py).
 KINK_TOLERANCE = 0.2
 
 
