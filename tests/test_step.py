@@ -3,6 +3,10 @@ fp16 under a gradient scaler in the recipe's engine, replaced parameters, anothe
 fd at zero weights, and errors that are not "no double backward" propagating."""
 import copy
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 import timm_mltp.engine
+import timm_mltp.mltp
 import timm_mltp.trainer
 from timm_mltp import MLTPConfig, MLTPConfigError, mltp_backward, second_order_in_use, split_tasks
 from timm_mltp.engine import TrainArgs, Trainer, check_distributed_type
@@ -174,7 +179,8 @@ class BodyWithoutDoubleBackward(nn.Module):
         return self.head(attended.reshape(len(x), 8))
 
 
-def test_auto_decides_per_selection():
+def test_auto_decides_per_selection(monkeypatch):
+    monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", 0.0)   # fd only when exact fails: no timing involved
     model = BodyWithoutDoubleBackward().train()
     batches = tasks(torch.float32)
     _, head = grads(model, MLTPConfig("head.*"), batches=batches)  # S = the head: no double backward of the body
@@ -209,3 +215,14 @@ def test_loss_scale_may_be_a_tensor():
     model.zero_grad(set_to_none=True)
     mltp_backward(model, *tasks(), ce, MLTPConfig("full", second_order="fd"), 0.3, loss_scale=torch.tensor(8.0))
     assert rel_err({n: p.grad / 8 for n, p in model.named_parameters()}, once) < 1e-9
+
+
+def test_processes_go_on_with_process_zeros_second_order(tmp_path):
+    worker = Path(__file__).with_name("step_agreement_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
+    assert measured[0] == ["exact", "exact", "exact"]
+    assert measured[1] == ["fd", "exact", "exact"]     # settled on fd itself, then took process 0's choice

@@ -193,7 +193,10 @@ def fake_cuda_fp16(trainer, init_scale):
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
 
 
+# second order pinned: `auto` measures and may keep fd where it is accurate and faster, so a separate core run
+# could settle otherwise
 STEP_SETTINGS = dict(max_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", mltp_variant="fc",
+                     mltp_second_order="exact",
                      mltp_alpha_rule="lr", mltp_alpha_scale=10.0, per_device_train_batch_size=4)
 
 
@@ -248,7 +251,8 @@ def test_fp16_overflow_skips_the_step(tmp_path):
 def test_resume_gives_the_uninterrupted_result(tmp_path):
     # 64 samples in pairs of 2 x 8: 4 steps per epoch; 6 steps cross an epoch, the checkpoint is mid-epoch
     settings = dict(per_device_train_batch_size=8, max_steps=6, save_strategy="steps", save_steps=3,
-                    learning_rate=3e-3, mltp_variant="full", mltp_alpha_rule="lr", mltp_alpha_scale=10.0, logging_steps=1)
+                    learning_rate=3e-3, mltp_variant="full", mltp_alpha_rule="lr", mltp_alpha_scale=10.0, logging_steps=1,
+                    mltp_second_order="exact")   # both runs take the same steps (auto measures, and could differ)
     whole = MLTPTrainer(model=tiny_bert(dropout=0.1), args=mltp_args(tmp_path / "whole", **settings),
                         train_dataset=token_data(64))
     whole.train()
@@ -386,14 +390,16 @@ def test_iterable_dataset_with_an_odd_last_batch_trains(tmp_path):
     assert all(np.isfinite(g).all() for grads in trainer.grads for g in grads.values())
 
 
-def test_the_alpha_rules_memory_goes_with_the_checkpoint(tmp_path):
+def test_the_mltp_step_state_goes_with_the_checkpoint(tmp_path):
     settings = dict(per_device_train_batch_size=8, max_steps=2, save_strategy="steps", save_steps=2,
                     learning_rate=3e-3, mltp_variant="fc")     # AdamW, the default rule: Adam's last update
     first = MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, **settings), train_dataset=token_data(64))
     first.train()
-    saved = torch.load(tmp_path / "checkpoint-2" / "mltp_inner_step.pt", weights_only=True)
-    assert saved == first._mltp_step.inner_step.state_dict() and saved["last_update"]
+    saved = torch.load(tmp_path / "checkpoint-2" / "mltp_step.pt", weights_only=True)
+    assert saved == first._mltp_step.state_dict() and saved["inner_step"]["last_update"]
+    assert saved["second_order"] in ("exact", "fd")
     resumed = MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, **{**settings, "max_steps": 3}),
                           train_dataset=token_data(64))
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert resumed._inner_step_state == saved
+    assert resumed._step_state == saved
+    assert resumed._mltp_step.cfg.second_order == saved["second_order"]   # auto's choice is kept

@@ -15,7 +15,8 @@ from transformers import TrainerCallback  # noqa: E402
 from test_trainer import RecordingTrainer, mltp_args, tiny_bert, token_data  # noqa: E402
 
 DDP_SETTINGS = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=1, max_grad_norm=0.0,
-                    learning_rate=1e-2, lr_scheduler_type="constant", mltp_variant="fc", mltp_alpha_scale=10.0,
+                    learning_rate=1e-2, lr_scheduler_type="constant", mltp_variant="fc", mltp_alpha_rule="lr",
+                    mltp_alpha_scale=10.0, mltp_second_order="exact",
                     logging_steps=1)
 
 

@@ -42,3 +42,12 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for buffer in module.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def value_of_process_zero(value: int, device) -> int:
+    """Process 0's `value`, on every process (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

@@ -164,7 +164,7 @@ class Trainer:
                 "optimizer": self.optimizer.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "num_updates": self.num_updates,
-                "rows": self.rows, "epoch_sums": self.epoch_sums, "inner_step": self.step.inner_step.state_dict(),
+                "rows": self.rows, "epoch_sums": self.epoch_sums, "mltp_step": self.step.state_dict(),
                 "args": asdict(self.args)}
 
     def save(self, kind: str, **where) -> bool:
@@ -192,7 +192,7 @@ class Trainer:
             self.optimizer.optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt["scaler"] is not None and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(ckpt["scaler"])
-            self.step.inner_step.load_state_dict(ckpt["inner_step"])
+            self.step.load_state_dict(ckpt["mltp_step"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         for key in ("epoch", "step_in_epoch", "num_updates", "rows", "epoch_sums"):

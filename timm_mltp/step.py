@@ -22,10 +22,13 @@ import torch
 import torch.nn as nn
 
 from .accelerate_utils import mltp_autocast
-from .distributed import average_gradients, broadcast_buffers
+from .distributed import average_gradients, broadcast_buffers, value_of_process_zero
 from .inner_step import InnerStepSize
-from .mltp import MLTPConfig, MLTPStats, mltp_backward
+from .mltp import MLTPConfig, MLTPStats, mltp_backward, second_order_in_use
 from .tasks import split_tasks
+
+
+_SETTLED = ("exact", "fd")   # what `auto` settles on
 
 
 class MLTPStep:
@@ -57,7 +60,25 @@ class MLTPStep:
             stats = mltp_backward(self.model, task_i, task_j, self.loss_fn, self.cfg, self.inner_step.alpha(),
                                   loss_scale=self.loss_scale() / accumulation_steps)
         self.finite = self.finite and math.isfinite(stats.loss)
+        if self.cfg.second_order == "auto" and stats.second_order in _SETTLED:
+            self._settle(stats.second_order)
         return dataclasses.replace(stats, update_ratio=self.inner_step.update_ratio(stats.inner_step))
+
+    def _settle(self, method: str) -> None:
+        """`auto` settled (it measures, so processes can differ): every process goes on with process 0's
+        choice, which a resumed run keeps too (state_dict)."""
+        chosen = _SETTLED[value_of_process_zero(_SETTLED.index(method), self.accelerator.device)]
+        self.cfg = dataclasses.replace(self.cfg, second_order=chosen)
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to take the same steps: the alpha rule's memory, the second order in use."""
+        return {"inner_step": self.inner_step.state_dict(),
+                "second_order": second_order_in_use(self.model, self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner_step.load_state_dict(state["inner_step"])
+        if self.cfg.second_order == "auto" and state.get("second_order") in _SETTLED:
+            self.cfg = dataclasses.replace(self.cfg, second_order=state["second_order"])
 
     def sync(self) -> bool:
         """After the last pair of an optimizer step. False: skip this step (every process agrees)."""

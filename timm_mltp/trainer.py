@@ -41,7 +41,7 @@ _logger = logging.getLogger("timm_mltp")
 
 # MLTPStats fields logged as mltp_<name>, averaged over each logging interval
 _LOGGED = ("loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio")
-_INNER_STEP_FILE = "mltp_inner_step.pt"   # the alpha rule's state, beside the optimizer's in a checkpoint
+_STEP_FILE = "mltp_step.pt"   # the alpha rule's memory and the second order in use, beside the optimizer's state
 
 
 @dataclass
@@ -134,7 +134,7 @@ class MLTPTrainer(Trainer):
             self.label_names = list(args.label_names or ["labels"])
         self._mltp_sums = [0.0] * (2 * len(_LOGGED))  # sums of the logged stats over the interval, and counts
         self._mltp_step: MLTPStep | None = None   # built with the optimizer, at the first step
-        self._inner_step_state: dict | None = None  # restored from a checkpoint before the first step
+        self._step_state: dict | None = None  # restored from a checkpoint before the first step
 
     # ---- batches: the loader yields both tasks of a step
 
@@ -188,8 +188,8 @@ class MLTPTrainer(Trainer):
             self._mltp_step = MLTPStep(self.accelerator, self.model, self.optimizer, self._mltp_config,
                                        self._task_loss, max_grad_norm=self.args.max_grad_norm,
                                        broadcast_buffers=self.args.ddp_broadcast_buffers is not False)
-            if self._inner_step_state is not None:
-                self._mltp_step.inner_step.load_state_dict(self._inner_step_state)
+            if self._step_state is not None:
+                self._mltp_step.load_state_dict(self._step_state)
         return self._mltp_step
 
     def _log_stats(self, stats) -> None:
@@ -198,20 +198,20 @@ class MLTPTrainer(Trainer):
                 self._mltp_sums[2 * k] += stats[name]
                 self._mltp_sums[2 * k + 1] += 1
 
-    # ---- checkpoints: the alpha rule's memory (last update lengths) goes beside the optimizer's state
+    # ---- checkpoints: the MLTP step's state (alpha rule, second order) goes beside the optimizer's
 
     def _save_optimizer_and_scheduler(self, output_dir):
         super()._save_optimizer_and_scheduler(output_dir)
         if self._mltp_step is not None and self.args.should_save:
-            torch.save(self._mltp_step.inner_step.state_dict(), os.path.join(output_dir, _INNER_STEP_FILE))
+            torch.save(self._mltp_step.state_dict(), os.path.join(output_dir, _STEP_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, _INNER_STEP_FILE) if checkpoint else None
+        path = os.path.join(checkpoint, _STEP_FILE) if checkpoint else None
         if path and os.path.isfile(path):
-            self._inner_step_state = torch.load(path, weights_only=True)
+            self._step_state = torch.load(path, weights_only=True)
             if self._mltp_step is not None:
-                self._mltp_step.inner_step.load_state_dict(self._inner_step_state)
+                self._mltp_step.load_state_dict(self._step_state)
     def _task_loss(self, module, task):
         # a copy: compute_loss pops labels (label smoothing), and `fd` evaluates task i more than once
         return self.compute_loss(module, dict(task))
