@@ -256,8 +256,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--model-ema-decay", type=float, default=D.model_ema_decay)
     g.add_argument("--model-ema-warmup", action="store_true")
     g = p.add_argument_group("MLTP")
-    g.add_argument("--variant", default=D.variant, help="none | full | conv | fc | fo | head | glob patterns "
-                                                        "over parameter names, e.g. 'layer4.*,fc.*' (default: %(default)s)")
+    g.add_argument("--variant", default=D.variant, help="none | full | conv | fc | fo | head | glob patterns over "
+                                                        "parameter names, e.g. 'layer4.*,fc.*' (default: %(default)s)")
     g.add_argument("--gamma", type=float, default=D.gamma, help="weight of task j, in (0, 1]")
     g.add_argument("--alpha-rule", default=None, choices=ALPHA_RULES,
                    help="how the inner step size is chosen each step (default: fixed with --alpha, else optimizer)")

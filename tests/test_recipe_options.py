@@ -2,6 +2,7 @@
 within each task, EMA of the outer weights, k-step accumulation = the mean of k pair gradients), `-c
 args.yaml` round trips, pretrained files load through timm's loading, refused options fail in one line."""
 import copy
+import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -94,7 +95,8 @@ def test_augmentation_and_eval_options_reach_timms_transforms():
     # eval: resize to 32 / crop_pct, centre crop 32, the given interpolation and normalisation
     resize, center, _, norm = eval_tf.transforms
     assert (resize.size, resize.interpolation.value, center.size) == (64, "nearest", (32, 32))
-    assert torch.allclose(norm.mean, torch.tensor([0.1, 0.2, 0.3])) and torch.allclose(norm.std, torch.tensor([0.4, 0.5, 0.6]))
+    assert torch.allclose(norm.mean, torch.tensor([0.1, 0.2, 0.3]))
+    assert torch.allclose(norm.std, torch.tensor([0.4, 0.5, 0.6]))
     assert plain_eval.transforms[0].size == 32          # the shipped data: crop_pct 1.0
 
 
@@ -116,6 +118,22 @@ def test_layer_decay_gives_each_layer_its_learning_rate_and_inner_step():
     assert alpha["head.weight"] == pytest.approx(0.01)
     assert alpha["blocks.0.attn.qkv.weight"] < alpha["head.weight"] / 2
     assert alpha["patch_embed.proj.weight"] < alpha["blocks.0.attn.qkv.weight"]
+
+
+def test_schedule_options_reach_create_scheduler():
+    model = torch.nn.Linear(4, 2)
+    args = TrainArgs(lr=0.1, epochs=3, warmup_epochs=1, warmup_lr=1e-3, min_lr=1e-4, cooldown_epochs=2)
+    optimizer = build_optimizer(args, model)
+    scheduler, num_epochs = build_scheduler(args, optimizer, updates_per_epoch=10)
+    assert num_epochs == 5                                      # epochs + cooldown, as timm counts them
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)    # warmup starts at --warmup-lr
+    scheduler.step_update(num_updates=30)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)    # the cosine ends at --min-lr
+    args = TrainArgs(lr=0.1, sched="step", decay_epochs=1, decay_rate=0.5, sched_on_updates=False)
+    optimizer = build_optimizer(args, model)
+    scheduler, _ = build_scheduler(args, optimizer, updates_per_epoch=10)
+    scheduler.step(2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
 
 
 # ---- mixup and cutmix within each task -------------------------------------------------------------
@@ -278,16 +296,15 @@ def test_vit_weights_at_224_load_at_32_with_timms_resampling(tmp_path):
     torch.manual_seed(0)
     source = timm.create_model("test_vit", img_size=224, num_classes=5)
     torch.save(source.state_dict(), tmp_path / "vit224.pth")
-    model, note = build_model(TrainArgs(model="test_vit", img_size=32, pretrained_path=str(tmp_path / "vit224.pth")),
-                              num_classes=10)
+    args = TrainArgs(model="test_vit", img_size=32, pretrained_path=str(tmp_path / "vit224.pth"))
+    model, note = build_model(args, num_classes=10)
     assert model.patch_embed.img_size == (32, 32)
     expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=(2, 2), num_prefix_tokens=1)
     assert torch.equal(model.pos_embed.detach(), expected)
     assert torch.equal(model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert model.head.weight.shape == (10, 64)
     assert "re-initialised head.weight, head.bias (5 -> 10 classes)" in note and "pos_embed (1, 197, 64)" in note
-    same_head, note = build_model(TrainArgs(model="test_vit", img_size=32, pretrained_path=str(tmp_path / "vit224.pth")),
-                                  num_classes=5)
+    same_head, note = build_model(args, num_classes=5)
     assert torch.equal(same_head.head.weight, source.head.weight) and "re-initialised" not in note
 
 
@@ -333,6 +350,13 @@ def test_unsupported_options_fail_in_one_line(tmp_path, capsys, argv, message):
     assert recipe.main(argv + ["--output", str(tmp_path), "--model", "test_resnet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err and "usage:" not in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_a_missing_tracker_package_is_named(tmp_path, capsys):
+    assert recipe.main(["--log-with", "tensorboard", "--output", str(tmp_path)]) == 2
+    assert "--log-with tensorboard: the tensorboard package is not installed; pip install tensorboard" in \
+        capsys.readouterr().err
 
 
 def test_no_effect_options_are_accepted():

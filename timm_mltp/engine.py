@@ -296,7 +296,9 @@ class Trainer:
         self.train_set.epoch = self.epoch
         if self.mixup is not None and args.mixup_off_epoch and self.epoch >= args.mixup_off_epoch:
             self.mixup.mixup_enabled = False
-        loader = acc.skip_first_batches(self.train_loader, self.step_in_epoch) if self.step_in_epoch else self.train_loader
+        loader = self.train_loader
+        if self.step_in_epoch:                      # resumed mid-epoch
+            loader = acc.skip_first_batches(self.train_loader, self.step_in_epoch)
         if not self.step_in_epoch:   # the epoch's running means; a checkpoint carries them over a resume
             self.epoch_sums = {k: [0.0, 0] for k in EPOCH_STATS}
         sums, bad_in_row, k = self.epoch_sums, 0, args.grad_accum_steps
@@ -381,7 +383,8 @@ class Trainer:
         self.print(f"model {args.model}: {self.weights_note}; {acc.num_processes} process(es), "
                    f"{acc.device}, mixed precision {acc.mixed_precision}")
         self.print(f"MLTP variant {args.variant!r}, gamma {args.gamma}: S = {self.selection_note}")
-        self.print(f"each step: {args.grad_accum_steps} x 2 x {args.batch_size} samples per process, "
+        accumulated = f" ({args.grad_accum_steps} pairs accumulated)" if args.grad_accum_steps > 1 else ""
+        self.print(f"each step: 2 x {args.batch_size} samples per process{accumulated}, "
                    f"{self.updates_per_epoch} steps per epoch")
         start = time.time()
         while self.epoch < self.num_epochs:
