@@ -320,8 +320,10 @@ def test_model_options_reach_create_model():
         build_model(TrainArgs(model="test_resnet", model_kwargs={"no_such_kwarg": 1}), num_classes=3)
 
 
-def test_compiled_models_use_fd():
+def test_second_order_for_compiled_and_checkpointed_models():
     assert mltp_config(TrainArgs(torchcompile="inductor")).second_order == "fd"
+    assert mltp_config(TrainArgs(grad_checkpointing=True)).second_order == "exact"
+    assert mltp_config(TrainArgs(grad_checkpointing=True, second_order="fd")).second_order == "fd"
     with pytest.raises(MLTPConfigError, match="exact needs double backward"):
         mltp_config(TrainArgs(torchcompile="inductor", second_order="exact"))
 

@@ -83,13 +83,17 @@ def mltp_config(args: TrainArgs) -> MLTPConfig:
     """The recipe's MLTP options as the core's config (which checks them).
 
     A compiled model has no double backward (aot_autograd's backward is not differentiable), so `auto`
-    means `fd` there, and `exact` is refused before the first step."""
+    means `fd` there, and `exact` is refused before the first step. Under gradient checkpointing the fd
+    passes break the recomputation of models with BatchNorm (PyTorch's CheckpointError), so `auto` means
+    `exact` there."""
     second_order = args.second_order
     if args.torchcompile and second_order == "exact":
         raise MLTPConfigError("--second-order exact needs double backward, which a torch.compile'd model does not "
                               "have; use --second-order fd (or auto, which picks fd for compiled models)")
-    if args.torchcompile and second_order == "auto":
+    if second_order == "auto" and args.torchcompile:
         second_order = "fd"
+    elif second_order == "auto" and args.grad_checkpointing:
+        second_order = "exact"
     rule = args.alpha_rule or ("fixed" if args.alpha is not None else MLTPConfig.alpha_rule)
     return MLTPConfig(variant=args.variant, gamma=args.gamma, second_order=second_order, bn_update=args.bn_update,
                       alpha_rule=rule, alpha=args.alpha, alpha_scale=args.alpha_scale,
