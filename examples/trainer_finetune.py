@@ -87,7 +87,7 @@ def main():
         learning_rate=args.lr, num_train_epochs=args.epochs, warmup_steps=5, eval_strategy="epoch",
         save_strategy="no", logging_steps=10, report_to="none",
         # AdamW steps are far larger than lr * gradient: scale the inner step up
-        mltp_variant=args.variant, mltp_gamma=0.5, mltp_alpha_scale=10.0)
+        mltp_variant=args.variant, mltp_gamma=0.5)   # the default alpha rule follows AdamW's real step
     # no remove_unused_columns=False or label_names needed: MLTPTrainer handles a logits-only timm module
     trainer = MLTPTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                           data_collator=collate_fn, compute_metrics=compute_metrics)
