@@ -320,10 +320,12 @@ def test_model_options_reach_create_model():
         build_model(TrainArgs(model="test_resnet", model_kwargs={"no_such_kwarg": 1}), num_classes=3)
 
 
-def test_second_order_for_compiled_and_checkpointed_models():
+def test_compiled_models_take_fd_and_checkpointing_is_refused():
     assert mltp_config(TrainArgs(torchcompile="inductor")).second_order == "fd"
-    assert mltp_config(TrainArgs(grad_checkpointing=True)).second_order == "exact"
-    assert mltp_config(TrainArgs(grad_checkpointing=True, second_order="fd")).second_order == "fd"
+    # recomputed forward passes would see w, not w' (measured: fo and exact 10-12 % off on test_resnet)
+    with pytest.raises(MLTPConfigError, match="--grad-checkpointing cannot be combined with MLTP"):
+        mltp_config(TrainArgs(grad_checkpointing=True))
+    assert mltp_config(TrainArgs(grad_checkpointing=True, variant="none")).variant == "none"
     with pytest.raises(MLTPConfigError, match="exact needs double backward"):
         mltp_config(TrainArgs(torchcompile="inductor", second_order="exact"))
 

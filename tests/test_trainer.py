@@ -316,6 +316,11 @@ def test_variant_that_selects_nothing_raises_at_construction(variant, words, tmp
         MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, mltp_variant=variant))
 
 
+def test_gradient_checkpointing_is_refused(tmp_path):
+    with pytest.raises(MLTPConfigError, match="gradient_checkpointing cannot be combined with MLTP"):
+        MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, gradient_checkpointing=True))
+
+
 def test_plain_training_arguments_are_refused(tmp_path):
     with pytest.raises(MLTPConfigError, match="MLTPTrainingArguments"):
         MLTPTrainer(model=tiny_bert(), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))

@@ -700,6 +700,7 @@ _NO_DOUBLE_BACKWARD = re.compile(
     r"derivative for .+ is not implemented"
     r"|double backward"
     r"|differentiate twice"                      # autograd.Function marked @once_differentiable
+    r"|requires create_graph=False"              # torch.compile'd backward (donated buffers)
     r"|does not support (higher order|second order|double) (gradients|derivatives|backward)",
     re.IGNORECASE)
 
