@@ -309,19 +309,21 @@ def test_split_tasks_keeps_structure():
     assert yi.tolist() == [0, 1, 2] and yj.tolist() == [3, 4, 5]
 
 
-def test_fd_under_bf16_autocast_is_as_close_to_float32_as_exact_is():
-    """In bf16 the difference of two gradients is mostly rounding noise; fd then differences two
-    float32 passes, and lands as close to the float32 gradient as bf16 double backward does."""
-    model = timm_with_dropout("test_efficientnet")
+def test_fd_under_bf16_autocast_estimates_the_second_order_term():
+    """In bf16 the difference of two gradients is mostly rounding noise; fd then differences two float32
+    passes. Its second-order term (the gradient minus fo's, same passes) against float32 exact's."""
+    model = timm_with_dropout("test_convnext")
     state = copy.deepcopy(model.state_dict())
-    reference, _ = run_seeded(model, MLTPConfig("full", second_order="exact"))       # float32
-    errors = {}
-    for method in ("exact", "fd"):
+
+    def gradient(cfg, bf16):
         model.load_state_dict(state)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            grads, _ = run_seeded(model, MLTPConfig("full", second_order=method))
-        errors[method] = ((grads - reference).norm() / reference.norm()).item()
-    assert errors["fd"] < 1.2 * errors["exact"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return run_seeded(model, cfg)[0]
+
+    reference = gradient(MLTPConfig("full", second_order="exact"), False) - gradient(MLTPConfig("fo"), False)
+    term = gradient(MLTPConfig("full", second_order="fd"), True) - gradient(MLTPConfig("fo"), True)
+    # measured 6.5e-3 (bf16 exact: 1.5e-2); a missing or noise-dominated term is 1 or more away
+    assert ((term - reference).norm() / reference.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("variant,second_order", [("full", "exact"), ("full", "fd"), ("fo", "auto")])
