@@ -165,7 +165,13 @@ class SAMStep:
             raise MLTPConfigError("SAMStep runs on one process: e(w) would need the gradient averaged over "
                                   "processes before the climb")
         self.step, self.rho = step, rho
-        self.inner_step = step.inner_step   # the loop's checkpoints save it; SAM leaves it untouched
+        self.inner_step = step.inner_step   # SAM leaves it untouched
+
+    def state_dict(self) -> dict:           # the loop's checkpoints save the MLTP step's state
+        return self.step.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step.load_state_dict(state)
 
     def _loss(self, batch) -> torch.Tensor:
         with mltp_autocast(self.step.accelerator, self.step.model):

@@ -117,10 +117,12 @@ class MLTPTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise MLTPConfigError("MLTPTrainer supports single-process and data-parallel (DDP) training, not "
                                   "DeepSpeed or FSDP: the inner step needs every process to hold whole parameters")
-        if args.gradient_checkpointing and args.mltp_variant != "none":
-            raise MLTPConfigError("gradient_checkpointing cannot be combined with MLTP: the forward passes it "
-                                  "recomputes during backward would see w instead of w' and give a wrong gradient; "
-                                  "set gradient_checkpointing=False (a smaller per_device_train_batch_size or "
+        # transformers 5 calls it activation_checkpointing; gradient_checkpointing is its older name
+        checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        if checkpointing and args.mltp_variant != "none":
+            raise MLTPConfigError("activation (gradient) checkpointing cannot be combined with MLTP: the forward "
+                                  "passes it recomputes during backward would see w instead of w' and give a wrong "
+                                  "gradient; turn it off (a smaller per_device_train_batch_size or "
                                   "gradient_accumulation_steps save memory too)")
         if args.optim in ("lomo", "adalomo"):
             raise MLTPConfigError(f"optim={args.optim!r} updates the weights inside backward, which MLTP replaces; "
