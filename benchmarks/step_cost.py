@@ -42,17 +42,26 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def step(model, cfg, task_i, task_j, device):
-    """One timed step; returns (seconds, peak bytes or None)."""
+FP16_LOSS_SCALE = 2.0 ** 16   # GradScaler's initial scale: fp16 runs scale the loss as training would
+
+
+def step(model, cfg, task_i, task_j, device, amp: str = "no"):
+    """One timed step (autocast in bf16/fp16 where asked); returns (seconds, peak bytes or None)."""
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    scale = FP16_LOSS_SCALE if amp == "fp16" else 1.0
+    autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp),
+                              enabled=amp != "no")
     sync(device)
     start = time.perf_counter()
+    with autocast:
+        if cfg is None:
+            loss = ce(model, task_i) * scale
+        else:
+            mltp_backward(model, task_i, task_j, ce, cfg, alpha=0.01, loss_scale=scale)
     if cfg is None:
-        ce(model, task_i).backward()
-    else:
-        mltp_backward(model, task_i, task_j, ce, cfg, alpha=0.01)
+        loss.backward()      # outside autocast, as in training
     sync(device)
     seconds = time.perf_counter() - start
     return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
@@ -76,7 +85,7 @@ def measure(name, args, device):
             if label in unavailable:
                 continue
             try:
-                seconds, peak = step(model, cfg, task_i, task_j, device)
+                seconds, peak = step(model, cfg, task_i, task_j, device, args.amp)
             except MLTPConfigError as e:
                 unavailable[label] = str(e).split(" (")[0]
                 continue
@@ -84,7 +93,8 @@ def measure(name, args, device):
                 times[label].append(seconds)
                 peaks[label] = max(peaks[label], peak or 0)
     base = statistics.median(times["standard"]) / b
-    print(f"\n{name}, {s}x{s}, B={b}, {device.type}, {torch.get_num_threads()} threads, "
+    print(f"\n{name}, {s}x{s}, B={b}, {device.type}, {args.amp if args.amp != 'no' else 'float32'}, "
+          f"{torch.get_num_threads()} threads, "
           f"median of {args.repeats}; standard: {1e3 * base * b:.1f} ms per step of B")
     print("| variant | per-sample cost vs standard | ms per MLTP step (2B) |" + (" peak MiB |" if device.type == "cuda" else ""))
     print("| --- | --- | --- |" + (" --- |" if device.type == "cuda" else ""))
@@ -107,6 +117,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype of every row")
     args = parser.parse_args()
     for name in args.models.split(","):
         measure(name.strip(), args, torch.device(args.device))

@@ -35,6 +35,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=32, help="size of one task; a step uses twice as many")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--variant", default="fc", help="MLTP variant: none, full, conv, fc, fo, head or patterns")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (a GPU, or a CPU with bf16)")
     return parser.parse_args()
 
 
@@ -86,8 +87,7 @@ def main():
         output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=200,
         learning_rate=args.lr, num_train_epochs=args.epochs, warmup_steps=5, eval_strategy="epoch",
         save_strategy="no", logging_steps=10, report_to="none",
-        # AdamW steps are far larger than lr * gradient: scale the inner step up
-        mltp_variant=args.variant, mltp_gamma=0.5)   # the default alpha rule follows AdamW's real step
+        bf16=args.bf16, mltp_variant=args.variant, mltp_gamma=0.5)   # alpha: the default rule follows AdamW's real step
     # no remove_unused_columns=False or label_names needed: MLTPTrainer handles a logits-only timm module
     trainer = MLTPTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
                           data_collator=collate_fn, compute_metrics=compute_metrics)
