@@ -168,7 +168,8 @@ def _plan(model: nn.Module, variant: str) -> _Plan:
     return plan
 
 
-def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, alpha_scale: float = 1.0) -> dict[str, float]:
+def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                         alpha_scale: float = 1.0) -> dict[str, float]:
     """Rule `lr`: each parameter's current learning rate times `alpha_scale`; read it every step."""
     if not _is_number(alpha_scale):
         raise MLTPConfigError(f"alpha_scale must be a finite number >= 0, got {alpha_scale!r}")
@@ -203,7 +204,8 @@ class _Step:
         loss = self.loss_fn(module, batch)
         if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad):
             got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-            hint = " without grad (called under torch.no_grad?)" if isinstance(loss, torch.Tensor) and loss.dim() == 0 else ""
+            scalar = isinstance(loss, torch.Tensor) and loss.dim() == 0
+            hint = " without grad (called under torch.no_grad?)" if scalar else ""
             raise MLTPConfigError(f"loss_fn(module, {which}) must return a scalar tensor that depends on the model's "
                                   f"parameters, got {got}{hint}")
         return loss

@@ -26,8 +26,8 @@ def evaluated_at(model: nn.Module, params: dict[str, torch.Tensor]):
 @contextlib.contextmanager
 def frozen_running_stats(model: nn.Module, frozen: bool = True):
     """Normalise with batch statistics as usual, but leave running statistics untouched."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats] if frozen else []
+    norms = [m for m in model.modules() if frozen and isinstance(m, nn.modules.batchnorm._NormBase)
+             and m.training and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:

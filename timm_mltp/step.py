@@ -8,9 +8,10 @@ The recipe's loop (engine.py) and MLTPTrainer run the same sequence through this
         clip (after unscaling); optimizer.step()
     else: the step is skipped by every process, and an fp16 scaler backs off
 
-A skipped step restores the running statistics its passes changed, and leaves the gradients so that the loop's own `optimizer.step()` is harmless: none at all
-(the optimizer skips parameters without one), or, under an fp16 gradient scaler, non-finite ones, so that
-the scaler skips the step and lowers its scale, as PyTorch's AMP recipe does.
+A skipped step restores the running statistics its passes changed, and leaves the gradients so that the
+loop's own `optimizer.step()` is harmless: none at all (the optimizer skips parameters without one), or,
+under an fp16 gradient scaler, non-finite ones, so that the scaler skips the step and lowers its scale, as
+PyTorch's AMP recipe does.
 """
 from __future__ import annotations
 

@@ -53,7 +53,8 @@ class MLTPTrainingArguments(TrainingArguments):
         "over parameter names such as 'layer4.*,fc.*'.")})
     mltp_gamma: float = field(default=0.5, metadata={"help": "Weight of task j in (0, 1]."})
     mltp_alpha_rule: str | None = field(default=None, metadata={"help": (
-        "How the inner step size alpha is chosen each step: optimizer | lr | fixed | clip | update | relative (README). "
+        "How the inner step size alpha is chosen each step: optimizer | lr | fixed | clip | update | relative "
+        "(README). "
         "None: 'fixed' when mltp_alpha is given, else the default rule.")})
     mltp_alpha: float | None = field(default=None, metadata={"help": "Rule 'fixed': the inner step size."})
     mltp_alpha_scale: float = field(default=1.0, metadata={"help": (
@@ -118,7 +119,8 @@ class MLTPTrainer(Trainer):
             raise MLTPConfigError("MLTPTrainer supports single-process and data-parallel (DDP) training, not "
                                   "DeepSpeed or FSDP: the inner step needs every process to hold whole parameters")
         # transformers 5 calls it activation_checkpointing; gradient_checkpointing is its older name
-        checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
+        checkpointing = getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing",
+                                                                                  False)
         if checkpointing and args.mltp_variant != "none":
             raise MLTPConfigError("activation (gradient) checkpointing cannot be combined with MLTP: the forward "
                                   "passes it recomputes during backward would see w instead of w' and give a wrong "
