@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType
 import timm_mltp.engine
 import timm_mltp.mltp
 import timm_mltp.trainer
-from timm_mltp import MLTPConfig, MLTPConfigError, mltp_backward, second_order_in_use, split_tasks
+from timm_mltp import MLTPConfig, MLTPConfigError, MLTPStep, mltp_backward, second_order_in_use, split_tasks
 from timm_mltp.engine import TrainArgs, Trainer, check_distributed_type
 from timm_mltp.mltp import is_double_backward_error
 
@@ -226,3 +226,17 @@ def test_processes_go_on_with_process_zeros_second_order(tmp_path):
     measured = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert measured[0] == ["exact", "exact", "exact"]
     assert measured[1] == ["fd", "exact", "exact"]     # settled on fd itself, then took process 0's choice
+
+
+def test_a_step_with_alpha_zero_settles_nothing(monkeypatch):
+    """Warmup from lr 0: `auto` has no second-order term to measure, and must measure on the next step."""
+    monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", 1e9)   # fd wherever it is accurate: the smooth net below
+    model = small_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = MLTPStep(Accelerator(cpu=True), model, optimizer, MLTPConfig("full", alpha_rule="lr"), ce)
+    batch = lambda seed: tuple(torch.cat(parts) for parts in zip(*tasks(seed=seed)))   # noqa: E731
+    step.pair(batch(1))
+    assert step.cfg.second_order == "auto" and second_order_in_use(model, MLTPConfig("full")) == "auto"
+    optimizer.param_groups[0]["lr"] = 0.1
+    stats = step.pair(batch(2))
+    assert stats.second_order == "fd" and step.cfg.second_order == "fd"

@@ -61,15 +61,21 @@ class MLTPStep:
             stats = mltp_backward(self.model, task_i, task_j, self.loss_fn, self.cfg, self.inner_step.alpha(),
                                   loss_scale=self.loss_scale() / accumulation_steps)
         self.finite = self.finite and math.isfinite(stats.loss)
-        if self.cfg.second_order == "auto" and stats.second_order in _SETTLED:
-            self._settle(stats.second_order)
+        if self.cfg.second_order == "auto":
+            self._settle()
         return dataclasses.replace(stats, update_ratio=self.inner_step.update_ratio(stats.inner_step))
 
-    def _settle(self, method: str) -> None:
-        """`auto` settled (it measures, so processes can differ): every process goes on with process 0's
-        choice, which a resumed run keeps too (state_dict)."""
-        chosen = _SETTLED[value_of_process_zero(_SETTLED.index(method), self.accelerator.device)]
-        self.cfg = dataclasses.replace(self.cfg, second_order=chosen)
+    def _settle(self) -> None:
+        """Once `auto` has settled on process 0 (it measures, so processes can differ, and a step with alpha = 0
+        settles nothing), every process goes on with process 0's choice, which a resumed run keeps too
+        (state_dict). Every process calls this on every step until then: one small broadcast."""
+        choices = ("auto", *_SETTLED)
+        local = second_order_in_use(self.model, self.cfg)
+        if local not in choices:     # variants none and fo: no second order to settle (on every process)
+            return
+        chosen = choices[value_of_process_zero(choices.index(local), self.accelerator.device)]
+        if chosen in _SETTLED:
+            self.cfg = dataclasses.replace(self.cfg, second_order=chosen)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to take the same steps: the alpha rule's memory, the second order in use."""
