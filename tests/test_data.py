@@ -137,6 +137,25 @@ def test_training_transform_passes_timm_kwargs(model):
     assert tf(_png("RGB", size=(28, 28))).shape == (3, 32, 32)
 
 
+def test_randaugment_posterize_to_zero_bits_is_black(model):
+    """timm's rand-...-inc1 asks posterize for 0 bits at magnitude 10, which Pillow 13 refuses: the training
+    transform turns the image black instead, as Pillow < 13 did, and the image's other values go through."""
+    from timm.data.auto_augment import AugmentOp
+    tf = create_transforms(model, img_size=8, auto_augment="rand-m10-mstd0-inc1")
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", []) if op.name == "PosterizeIncreasing"]
+    assert len(ops) == 1
+    op = ops[0]
+    op.prob, image = 1.0, _png("RGB", size=(8, 8), value=200)
+    assert op.level_fn(10.0, op.hparams) == (0,)                      # what timm asks for at magnitude 10
+    assert np.asarray(op(image)).max() == 0
+    op.magnitude = 5.0                                               # 2 bits: 200 = 0b11001000 -> 0b11000000
+    assert np.asarray(op(image)).max() == 192
+    native = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10.0)
+    if int(Image.__version__.split(".")[0]) >= 13:
+        with pytest.raises(ValueError, match="bits"):
+            native(image)
+
+
 def test_collate_round_trip(eval_tf):
     ds = apply_transforms(_small(), eval_tf, "image", "label")
     batch = collate_image_batch([ds[i] for i in range(len(ds))])

@@ -120,6 +120,26 @@ def test_fo_is_first_order_formula():
     assert stats.grad_cosine == pytest.approx(cos.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("second_order", ["exact", "fd"])
+def test_grad_cosine_is_that_of_the_two_gradients_on_s(second_order):
+    """grad_cosine = cos(P_S g_i(w), P_S g_j(w')), by hand; the step reuses the norms the inner step took."""
+    model = small_net()
+    task_i, task_j = tasks()
+    s_names = select_parameters(model, "5.*,1.weight")
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    g_i = dict(zip(params, torch.autograd.grad(
+        ce(lambda x: functional_call(model, {**params, **buffers}, (x,)), task_i), list(params.values()))))
+    shifted = {n: (p - 0.3 * g_i[n] if n in s_names else p).detach().requires_grad_() for n, p in params.items()}
+    g_j = dict(zip(shifted, torch.autograd.grad(
+        ce(lambda x: functional_call(model, {**shifted, **buffers}, (x,)), task_j), list(shifted.values()))))
+    dot = sum((g_i[n] * g_j[n]).sum() for n in s_names)
+    cos = dot / math.sqrt(sum((g_i[n] ** 2).sum() for n in s_names) * sum((g_j[n] ** 2).sum() for n in s_names))
+    _, stats = grads_of(model, "5.*,1.weight", second_order=second_order)
+    assert stats.second_order == second_order
+    assert stats.grad_cosine == pytest.approx(cos.item(), rel=1e-9)
+
+
 @pytest.mark.parametrize("variant", ["none", "full", "fo"])
 def test_alpha_zero_is_weighted_loss_of_both_tasks(variant):
     model = small_net()

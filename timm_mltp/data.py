@@ -249,7 +249,36 @@ def create_transforms(model, img_size=None, is_training: bool = True, **aug) -> 
     for key in ("mean", "std"):  # a pretrained cfg keeps 3-channel stats even for an in_chans=1 model
         if len(cfg[key]) != in_chans:
             cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * in_chans
-    return timm.data.create_transform(**cfg, is_training=is_training, **aug)
+    return _posterize_keeps_zero_bits(timm.data.create_transform(**cfg, is_training=is_training, **aug))
+
+
+def _posterize_to_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with "keep 0 bits" meaning a black image as in Pillow < 13 (Pillow 13 raises)."""
+    from timm.data import auto_augment
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_keeps_zero_bits(transform):
+    """The transform, with every timm posterize op able to keep 0 bits.
+
+    timm's RandAugment with increasing levels (`rand-...-inc1`, timm's usual recipe) posterizes to 4 - 4 * M /
+    10 bits, 0 at magnitude 10, which a magnitude std reaches. Pillow 13 refuses 0 bits, so training with it
+    would stop at a random step (measured: the first epoch on 2,000 images at rand-m9-mstd0.5-inc1).
+    """
+    from timm.data import auto_augment
+    stack = [transform]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, auto_augment.AugmentOp):
+            if item.aug_fn is auto_augment.posterize:
+                item.aug_fn = _posterize_to_zero_bits
+        else:
+            stack.extend(getattr(item, name) for name in ("transforms", "ops", "policy") if hasattr(item, name))
+    return transform
 
 
 def _to_pil(value) -> Image.Image:

@@ -195,6 +195,8 @@ class _Step:
     alphas: list[float] = field(default_factory=list)   # per tensor of S, set by `inner_step_sizes`
     inner_step: float = 0.0
     relative_step: float = 0.0
+    g_s_norm: float = 0.0   # ||P_S g_i|| as passed to `inner_step_sizes` (loss-scaled), for the cosine
+    w_s_norm: float = 0.0   # ||w_S||, for fd's step
 
     @property
     def bn_first(self) -> bool:
@@ -225,6 +227,7 @@ class _Step:
         self.alphas = _alphas(alpha, s_names)
         self.inner_step = math.sqrt(sum((a * g_norms[n]) ** 2 for a, n in zip(self.alphas, s_names)))
         w_norm = math.sqrt(sum(x * x for x in w_norms.values()))
+        self.g_s_norm, self.w_s_norm = math.sqrt(sum(x * x for x in norms[:len(s_names)])), w_norm
         self.relative_step = self.inner_step / w_norm if w_norm > 0 else (math.inf if self.inner_step else 0.0)
         return self.alphas
 
@@ -266,9 +269,13 @@ def _norms(a: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(a))
 
 
-def _cosine(a, b) -> torch.Tensor:
+def _cosine(a, b, a_norm: float | None = None, b_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """cos(a, b). ||a|| and b's per-tensor norms where a caller has them already: on a large model each norm
+    is a pass over every parameter, as long as the rest of the step's vector arithmetic."""
     a, b = [x.detach() for x in a], [x.detach() for x in b]
-    return _dot(a, b) / (_norms(a).norm() * _norms(b).norm()).clamp_min(1e-30)
+    a_norm = _norms(a).norm() if a_norm is None else a_norm
+    b_norm = (_norms(b) if b_norms is None else b_norms).norm()
+    return _dot(a, b) / (a_norm * b_norm).clamp_min(1e-30)
 
 
 def _inner_step(params, grads, alphas, scale, out=None):
@@ -313,7 +320,7 @@ def _first_order(step: _Step, task_i, task_j):
     with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(plan.names, w_prime))) as at_w:
         loss_j = step.loss(at_w, task_j, "task_j")
     g_j = step.grad(loss_j, w_prime)                                 # g_j' = grad L_j(w')
-    cosine = _cosine(g_i, g_j)
+    cosine = _cosine(g_i, g_j, a_norm=step.g_s_norm)                 # S: every trainable parameter
     torch._foreach_lerp_(g_i, g_j, step.cfg.gamma)                   # (1-gamma) g_i + gamma g_j'
     return g_i, loss_i, loss_j, cosine
 
@@ -332,12 +339,13 @@ def _exact(step: _Step, task_i, task_j):
         # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
         grads = step.grad(torch.lerp(loss_i, loss_j, step.cfg.gamma), plan.params + w_prime)
     n = len(plan.params)
-    return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:])
+    return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:], a_norm=step.g_s_norm)
 
 
-def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, scheme: str, full_precision: bool,
-                            eps: float | None = None) -> list[torch.Tensor]:
-    """H_i v for v = alpha P_S v_dir (scaled by the loss scale), as a finite difference of grad L_i.
+def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, v_norms: torch.Tensor, scheme: str,
+                            full_precision: bool, eps: float | None = None) -> list[torch.Tensor]:
+    """H_i v for v = alpha P_S v_dir (scaled by the loss scale), as a finite difference of grad L_i. `v_norms`:
+    the norm of each tensor of v_dir.
 
     The extra passes replay task i's random state (same dropout masks) and leave running statistics alone.
     Step r such that ||r v|| = eps * ||w_S|| (eps itself where ||w_S|| = 0); eps by scheme and dtype unless
@@ -351,9 +359,8 @@ def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, scheme: str,
     w_s = [plan.params[k] for k in s_idx]
     with torch.no_grad():
         eps = eps or _FD_EPS[scheme].get(w_s[0].dtype, _FD_EPS[scheme][torch.float32])
-        w_norm = _norms(w_s).norm()
-        v_norm = (_norms(v_dir) * torch.tensor([a / scale for a in alphas], device=w_norm.device)).norm()
-        reference = torch.where(w_norm > 0, w_norm, torch.ones_like(w_norm))
+        v_norm = (v_norms * torch.tensor([a / scale for a in alphas], device=v_norms.device)).norm()
+        reference = step.w_s_norm if step.w_s_norm > 0 else 1.0       # ||w_S||, from the inner step
         r = float(eps * reference / v_norm.clamp_min(1e-30))          # one sync; fused adds below
     # v = 0 (or underflowed): H_i v = 0. v not finite (fp16 overflow): g_j' is not either, and the step is skipped
     if not (r > 0 and math.isfinite(r * max(alphas) / scale)):
@@ -387,6 +394,7 @@ class _FdTerms:
     g_i: list[torch.Tensor]     # grad L_i(w), every trainable parameter
     g_j: list[torch.Tensor]     # g_j' = grad L_j(w'), every trainable parameter
     v_dir: list[torch.Tensor]   # P_S g_j'; v = alpha P_S g_j'
+    v_norms: torch.Tensor       # the norm of each tensor of v_dir
     h_i_v: list[torch.Tensor]
     loss_i: torch.Tensor
     loss_j: torch.Tensor
@@ -412,13 +420,15 @@ def _fd_terms(step: _Step, task_i, task_j) -> _FdTerms:
         loss_j = step.loss(at_w, task_j, "task_j")
     g_j = step.grad(loss_j, _replace(plan.params, s_idx, w_prime))  # g_j' = grad L_j(w'), all params
     g_j_s = [g_j[k] for k in s_idx]
-    cosine = _cosine(g_i_s, g_j_s)
+    v_norms = _norms([g.detach() for g in g_j_s])
+    cosine = _cosine(g_i_s, g_j_s, a_norm=step.g_s_norm, b_norms=v_norms)
     device = w_s[0].device.type
     low_precision = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16,
                                                                                             torch.bfloat16)
     scheme = "central" if low_precision else step.cfg.fd_scheme
-    h_i_v = _hessian_vector_product(step, task_i, rng_i, g_i, g_j_s, scheme, low_precision, step.cfg.fd_eps)
-    return _FdTerms(g_i, g_j, g_j_s, h_i_v, loss_i, loss_j, cosine, rng_i, scheme, low_precision)
+    h_i_v = _hessian_vector_product(step, task_i, rng_i, g_i, g_j_s, v_norms, scheme, low_precision,
+                                    step.cfg.fd_eps)
+    return _FdTerms(g_i, g_j, g_j_s, v_norms, h_i_v, loss_i, loss_j, cosine, rng_i, scheme, low_precision)
 
 
 def _fd_gradient(step: _Step, t: _FdTerms) -> list[torch.Tensor]:
@@ -501,7 +511,7 @@ def _fd_disagreement(step: _Step, task_i, t: _FdTerms) -> float:
     Where L_i is smooth they differ by the forward difference's truncation error; across kinks (ReLU,
     max-pool, hard-swish) each estimate is dominated by gradient jumps that do not shrink with the step."""
     other = "central" if t.scheme == "forward" else "forward"
-    h_other = _hessian_vector_product(step, task_i, t.rng_i, t.g_i, t.v_dir, other, t.full_precision)
+    h_other = _hessian_vector_product(step, task_i, t.rng_i, t.g_i, t.v_dir, t.v_norms, other, t.full_precision)
     forward, central = (t.h_i_v, h_other) if t.scheme == "forward" else (h_other, t.h_i_v)
     return _ratio(_distance(forward, central), _norm(central))
 
