@@ -284,3 +284,27 @@ def test_composite_hard_activations_match_native_and_differentiate_twice(fn, sec
     assert torch.allclose(g[away], native_g[away], rtol=1e-7, atol=0)   # native hardsigmoid: 1/6 in float32
     inside, outside = x.abs() < 3, x.abs() > 3
     assert torch.allclose(h[inside], torch.full_like(h[inside], second)) and not h[outside].any()
+
+
+def test_hvp_cost_benchmark_products_agree_with_double_backward():
+    """benchmarks/hvp_cost.py's four Hessian-vector products, on a smooth model in float64: the three exact
+    ones agree with brute-force double backward to rounding, fd to its step (a wrong product is O(1) away)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "hvp_cost.py"
+    spec = importlib.util.spec_from_file_location("hvp_cost", path)
+    hvp_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hvp_cost)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, groups=1), nn.BatchNorm2d(4), nn.GELU(),
+                          nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=2), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 10)).double().eval()
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    loss = F.cross_entropy(model(x), y)
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    expected = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g, v)), params)
+    for label, (fn, _) in hvp_cost.products(model, x, y).items():
+        tol = 1e-2 if "finite" in label else 1e-10                  # fd: O(step) = 1e-3 here
+        assert hvp_cost.relative_error(fn(v), expected) < tol, label
