@@ -618,6 +618,8 @@ def verdict(rows: list[dict]) -> list[str]:
         if beats_sam:
             verb = "beats" if len(beats_sam) == 1 else "beat"
             lines[0] += f" Of these, {', '.join(map(label, beats_sam))} also {verb} SAM."
+        elif not any(vs_sam[c] for c in helps):
+            lines[0] += " SAM was not run here."
         else:
             lines[0] += " None of them beats SAM by more than that spread."
     else:

@@ -202,6 +202,8 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert "- The default rule `optimizer` loses no more than the seed-to-seed std" in underfit
     assert "**Not enough runs** for a verdict: 3 seeds per cell are needed; seeds so far: none on net_a (2), " \
            "fo (optimizer) on net_a (2)." in recipe
+    assert "**MLTP helps here**: full (lr) on net_a (+0.20 ± 0.00 vs none, 1.00x the time) beats standard " \
+           "training by more than the seed-to-seed spread of the paired differences. SAM was not run here." in short
     # the old setting keeps its section, sensitivity grid included
     assert "#### Sensitivity: full (lr) on net_a, final top-1" in short and "| full | lr |" in short
     # the summary at the top: one verdict per group

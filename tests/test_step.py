@@ -76,10 +76,11 @@ def engine_args(tmp_path, **kwargs):
 def test_engine_trains_in_fp16_and_backs_off_after_an_overflow(tmp_path, cpu_fp16_accelerator):
     # the first scale overflows any gradient; the scaler must skip that step, back off and training go on
     acc = cpu_fp16_accelerator(init_scale=2.0 ** 40, backoff_factor=2.0 ** -30, growth_interval=1000)
-    trainer = Trainer(engine_args(tmp_path, variant="full", second_order="fd"), accelerator=acc)
+    trainer = Trainer(engine_args(tmp_path, variant="full", second_order="fd", max_train_samples=256, lr=0.05),
+                      accelerator=acc)
     initial = copy.deepcopy(trainer.module.state_dict())
     result = trainer.fit()
-    steps = 128 // 16
+    steps = 256 // 16
     assert trainer.step.loss_scale() == 2.0 ** 10                   # backed off once, never again
     assert result["optimizer_steps"] == steps - 1                   # the overflow step changed nothing
     assert any(not torch.equal(v, trainer.module.state_dict()[k]) for k, v in initial.items())
@@ -87,7 +88,8 @@ def test_engine_trains_in_fp16_and_backs_off_after_an_overflow(tmp_path, cpu_fp1
     # the skipped step's passes (at w' = nan) left no trace in the BatchNorm statistics, and the run learned:
     # below the loss of a uniform guess over 10 classes
     assert all(torch.isfinite(b).all() for b in trainer.module.buffers())
-    assert row["train_loss"] < 2.3 and row["eval_loss"] < 2.29
+    # (ln 10 = 2.303; measured 2.19 and 2.12 over 16 steps; 8 steps left it within 0.03 of chance)
+    assert row["train_loss"] < 2.25 and row["eval_loss"] < 2.2
 
 
 def test_engine_fp16_step_matches_the_core_and_a_non_finite_loss_backs_off(tmp_path, cpu_fp16_accelerator):
