@@ -133,7 +133,8 @@ def test_a_setting_the_engine_cannot_run_yet_is_skipped(tmp_path, monkeypatch, c
 
 def synthetic_rows(g):
     """underfit: fo gains 1 point on every seed, conv ties; overfit: fo loses 2 points; timm-recipe: two
-    seeds only; short: the old rows of issue 5, with a sensitivity grid."""
+    seeds only; overfit-v1: fo gains 5 (an earlier setting, not pooled); short: the old rows of issue 5, with a
+    sensitivity grid."""
     rows = []
 
     def add(setting, method, seed, top1, model="net_a", path="engine", seconds=10.0, step=1e-3, **kw):
@@ -162,6 +163,8 @@ def synthetic_rows(g):
         add("timm-recipe", "none", seed, 85.0 + seed)
         add("timm-recipe", "fo", seed, 85.5 + seed)
     for seed in range(3):
+        add("overfit-v1", "none", seed, 70.0 + seed)      # an earlier version: kept, but never pooled
+        add("overfit-v1", "fo", seed, 75.0 + seed)
         add("short", "none", seed, 87.0 + seed)
         add("short", "full", seed, 87.2 + seed, rule="lr")
     for gamma in g.GAMMAS:
@@ -208,8 +211,23 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert "#### Sensitivity: full (lr) on net_a, final top-1" in short and "| full | lr |" in short
     # the summary at the top: one verdict per group
     summary = text.split("## Verdicts", 1)[1].split("## Setting", 1)[0]
-    assert summary.count("\n- `") == 4 and "- `overfit`, engine, 1,000 training images" in summary
+    assert summary.count("\n- `") == 5 and "- `overfit`, engine, 1,000 training images" in summary
+    # pooled over the current settings (not `short`): net_a's fo has 3 + 3 + 2 pairs, 5 better and 3 worse
+    pooled = text.split("## Pooled over settings", 1)[1].split("## Setting", 1)[0]
+    assert "settings `underfit`, `overfit`, `timm-recipe` (" in pooled
+    assert "| net_a | fo | optimizer | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in pooled
+    assert "| net_b | sam | - | 6 | 0.00 ± 0.34 (n=6) | 2 / 2 | 1.000 | - | - |" in pooled
+    assert "full" not in pooled
     assert doc.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme_by_hand():
+    g = load_benchmark()
+    # all 8 patterns of (1, 2, 3): sums 6, 4, 2, 0, 0, -2, -4, -6
+    assert g.sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8          # |sum| >= 6: the pattern and its mirror
+    assert g.sign_flip_p([1.0, -2.0, 3.0]) == 6 / 8         # |sum| >= 2: all but the two zeros
+    assert g.sign_flip_p([0.5] * 5) == 2 / 32               # five gains: the best 5 seeds can show
+    assert g.sign_flip_p([0.1, 0.2, 0.3 - 0.6]) == 1.0      # sum 0 up to rounding: every pattern ties or beats it
 
 
 def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):
