@@ -108,7 +108,10 @@ SETTINGS = {
               f"lost 10 to 40 points. Path `engine` is the recipe (`--clip-grad 1`, SGD momentum 0.9, weight "
               f"decay 5e-4); path `hf-trainer` is `MLTPTrainer` on a `TimmWrapperForImageClassification` built "
               f"from its config, fed as Hugging Face's image-classification example feeds it, at the "
-              f"Trainer's defaults otherwise (`optim='sgd'`: no momentum, no weight decay)."),
+              f"Trainer's defaults otherwise (`optim='sgd'`: no momentum, no weight decay). Alpha rule "
+              f"`optimizer-v1`: `fc` and `conv` runs from before 2026-11-29, when the `clip` rule clipped P_S g_i "
+              f"by its own norm instead of task i's whole gradient's, which made the inner step on a subset S "
+              f"longer than the clipped real step (fo and full: S is every parameter, no change)."),
     "overfit": Setting(
         OVERFIT_EPOCHS, (2_000,), (1.0, 1.0), None, recipe={"val_interval": OVERFIT_VAL_INTERVAL},
         about=f"A small training set, {OVERFIT_EPOCHS} epochs, no crop augmentation (RandomResizedCrop at scale "

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from timm_mltp import MLTPConfig, MLTPStep
+from timm_mltp import MLTPConfig, MLTPStep, mltp_backward, split_tasks
 from timm_mltp.engine import TrainArgs, Trainer
 
 
@@ -82,6 +82,29 @@ def test_rule_clip_clips_the_inner_gradient_as_the_outer_one(max_norm):
     factor = min(1.0, max_norm / g_norm) if max_norm else 1.0
     assert stats.alpha == pytest.approx(0.1 * factor, rel=1e-9)
     assert stats.inner_step == pytest.approx(0.1 * min(g_norm, max_norm or math.inf), rel=1e-9)
+
+
+@pytest.mark.parametrize("second_order", ["exact", "fd"])
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])
+def test_rule_clip_on_a_subset_reads_the_whole_gradients_norm_as_the_outer_clipping_does(second_order, max_norm):
+    """S = the last layer only: the clip factor is the one the outer step's clipping would give task i's whole
+    gradient, so the inner step on S is the clipped SGD step restricted to S (not P_S g_i clipped on its own)."""
+    model = net()
+    cfg = MLTPConfig(variant="2.*", second_order=second_order, alpha_rule="clip")
+    step = MLTPStep(Accelerator(cpu=True), model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, ce,
+                    max_grad_norm=max_norm)
+    stats = step.pair(batch())
+    g = task_i_grads(net(), batch())
+    g_norm, g_s_norm = norm(g.values()), norm([g["2.weight"], g["2.bias"]])
+    assert g_s_norm < 0.9 * g_norm and g_norm > 1e-3          # the two clip factors differ at max_norm 1e-3
+    factor = min(1.0, max_norm / g_norm)
+    assert stats.alpha == pytest.approx(0.1 * factor, rel=1e-9)
+    assert stats.inner_step == pytest.approx(0.1 * factor * g_s_norm, rel=1e-9)
+    # reading the rest of g_i changes alpha only: the gradient is the one that alpha, given as a number, gives
+    reference = net()
+    mltp_backward(reference, *split_tasks(batch()), ce, cfg, 0.1 * factor)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("target", [1e-4, 3e-2])

@@ -3,8 +3,11 @@
     lr        alpha_g = alpha_scale * lr_g                         lr_g: the current learning rate of
                                                                    parameter group g (warmup, decay, layer decay)
     fixed     alpha   = alpha
-    clip      alpha_g = alpha_scale * lr_g * min(1, c / ||P_S g_i||)  c: the outer step's max gradient norm, so
-                                                                   the inner step is clipped as the outer one is
+    clip      alpha_g = alpha_scale * lr_g * min(1, c / ||g_i||)  c: the outer step's max gradient norm, and
+                                                                   ||g_i|| over every trainable parameter, the
+                                                                   norm the outer step's clipping reads: the
+                                                                   inner step on S is the clipped SGD step of
+                                                                   task i, restricted to S
     update    alpha_g = alpha_scale * ||dw_Sg|| / ||P_Sg g_i||      dw_Sg: the last actual update of S in group g
                                                                    (after clipping, momentum, Adam's scaling);
                                                                    rule `clip` until the first update
@@ -55,13 +58,21 @@ class InnerStepSize:
             return alpha_from_optimizer(self.model, self.optimizer, self.cfg.alpha_scale)
         return self
 
-    def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float]) -> dict[str, float]:
+    @property
+    def uses_gradient_norm(self) -> bool:
+        """Whether `mltp_backward` must pass ||g_i|| over every trainable parameter: the outer step clips."""
+        return self.max_grad_norm is not None and self.cfg.alpha_rule in ("clip", "update", "optimizer")
+
+    def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float],
+                 gradient_norm: float | None = None) -> dict[str, float]:
+        """alpha per parameter of S from the unscaled norms of P_S g_i and w_S per tensor, and ||g_i|| over every
+        trainable parameter (`gradient_norm`; where not given, S is every trainable parameter)."""
         rule = self.cfg.alpha_rule
         if rule == "relative":
             g_norm = _total(grad_norms.values())
             alpha = self.cfg.relative_step * _total(weight_norms.values()) / g_norm if g_norm > 0 else 0.0
             return dict.fromkeys(grad_norms, alpha)
-        clipped = self._clipped_lr(grad_norms)
+        clipped = self._clipped_lr(grad_norms, gradient_norm)
         if rule == "clip" or not self.last_update:   # rules update and optimizer: clip until the first update
             return clipped
         group_of = self._group_of_name()
@@ -72,9 +83,9 @@ class InnerStepSize:
         adaptive = {k for k, group in enumerate(self.optimizer.param_groups) if _is_adaptive(group)}
         return {n: updated[n] if group_of[n] in adaptive else clipped[n] for n in grad_norms}
 
-    def _clipped_lr(self, grad_norms: dict[str, float]) -> dict[str, float]:
-        """Rule clip: the learning rate, with the outer step's norm clipping applied to P_S g_i."""
-        g_norm = _total(grad_norms.values())
+    def _clipped_lr(self, grad_norms: dict[str, float], gradient_norm: float | None) -> dict[str, float]:
+        """Rule clip: the learning rate, times the factor the outer step's norm clipping would apply to g_i."""
+        g_norm = _total(grad_norms.values()) if gradient_norm is None else gradient_norm
         clip = min(1.0, self.max_grad_norm / g_norm) if self.max_grad_norm and g_norm > 0 else 1.0
         lr = alpha_from_optimizer(self.model, self.optimizer, self.cfg.alpha_scale * clip)
         return {name: lr[name] for name in grad_norms}

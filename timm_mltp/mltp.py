@@ -178,8 +178,14 @@ def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 # alpha as mltp_backward takes it: a float, {name: float} over S, or a rule called with the unscaled
-# per-tensor norms {name: ||P_S g_i||} and {name: ||w||} of S that returns one of the first two
+# per-tensor norms {name: ||P_S g_i||} and {name: ||w||} of S that returns one of the first two. A rule with a
+# true `uses_gradient_norm` attribute is also given `gradient_norm=`: the unscaled ||g_i|| over every trainable
+# parameter, the norm an outer step's gradient clipping reads (it differs from ||P_S g_i|| where S is a subset)
 Alpha = float | Mapping[str, float] | Callable[[dict, dict], float | Mapping[str, float]]
+
+
+def _uses_gradient_norm(alpha: Alpha) -> bool:
+    return callable(alpha) and bool(getattr(alpha, "uses_gradient_norm", False))
 
 
 @dataclass
@@ -215,19 +221,31 @@ class _Step:
     def grad(self, loss, inputs, create_graph=False) -> list[torch.Tensor]:
         return _grad(loss, inputs, self.scale, create_graph)
 
-    def inner_step_sizes(self, g_s: list[torch.Tensor]) -> list[float]:
-        """alpha per tensor of S from the rule, and the inner step's length (one device sync)."""
+    @property
+    def needs_rest_of_g_i(self) -> bool:
+        """The rule reads ||g_i|| over every trainable parameter, and S is a subset of them."""
+        return _uses_gradient_norm(self.alpha) and len(self.plan.s_index) < len(self.plan.params)
+
+    def inner_step_sizes(self, g_s: list[torch.Tensor], g_rest: list[torch.Tensor] = ()) -> list[float]:
+        """alpha per tensor of S from the rule, and the inner step's length (one device sync). `g_rest`: task i's
+        gradient of the trainable parameters outside S, where the rule reads ||g_i|| (`needs_rest_of_g_i`)."""
         s_names = [self.plan.names[k] for k in self.plan.s_index]
         w_s = [self.plan.params[k] for k in self.plan.s_index]
+        n = len(s_names)
+        rest_norms = torch._foreach_norm([g.detach() for g in g_rest]) if g_rest else ()
         norms = torch.stack(torch._foreach_norm([g.detach() for g in g_s]) + torch._foreach_norm(
-            [w.detach() for w in w_s])).double().tolist()
-        g_norms = dict(zip(s_names, (x / self.scale for x in norms[:len(s_names)])))
-        w_norms = dict(zip(s_names, norms[len(s_names):]))
-        alpha = self.alpha(g_norms, w_norms) if callable(self.alpha) else self.alpha
+            [w.detach() for w in w_s]) + rest_norms).double().tolist()
+        g_norms = dict(zip(s_names, (x / self.scale for x in norms[:n])))
+        w_norms = dict(zip(s_names, norms[n:2 * n]))
+        if _uses_gradient_norm(self.alpha):
+            gradient_norm = math.sqrt(sum(x * x for x in norms[:n] + norms[2 * n:])) / self.scale
+            alpha = self.alpha(g_norms, w_norms, gradient_norm=gradient_norm)
+        else:
+            alpha = self.alpha(g_norms, w_norms) if callable(self.alpha) else self.alpha
         self.alphas = _alphas(alpha, s_names)
         self.inner_step = math.sqrt(sum((a * g_norms[n]) ** 2 for a, n in zip(self.alphas, s_names)))
         w_norm = math.sqrt(sum(x * x for x in w_norms.values()))
-        self.g_s_norm, self.w_s_norm = math.sqrt(sum(x * x for x in norms[:len(s_names)])), w_norm
+        self.g_s_norm, self.w_s_norm = math.sqrt(sum(x * x for x in norms[:n])), w_norm
         self.relative_step = self.inner_step / w_norm if w_norm > 0 else (math.inf if self.inner_step else 0.0)
         return self.alphas
 
@@ -331,9 +349,14 @@ def _exact(step: _Step, task_i, task_j):
     s_names = [plan.names[k] for k in plan.s_index]
     with twice_differentiable():            # math attention, composite hard-swish: ops that have a double backward
         loss_i = step.loss(model, task_i, "task_i")
-        # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms
-        g_s = step.grad(loss_i, s_params, create_graph=True)
-        w_prime = _inner_step(s_params, g_s, step.inner_step_sizes(g_s), step.scale)   # w' = w - alpha P_S g_i
+        # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms. The rest of
+        # g_i only where the rule reads ||g_i|| (clipping): one more backward through what lies below S
+        rest = [p for p, s in zip(plan.params, plan.in_s) if not s] if step.needs_rest_of_g_i else []
+        g_all = step.grad(loss_i, s_params + rest, create_graph=True)
+        g_s = g_all[:len(s_params)]
+        alphas = step.inner_step_sizes(g_s, g_all[len(s_params):])
+        del g_all                               # the rest's graph goes now; w' keeps what it needs of g_s
+        w_prime = _inner_step(s_params, g_s, alphas, step.scale)                       # w' = w - alpha P_S g_i
         with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(s_names, w_prime))) as at_w:
             loss_j = step.loss(at_w, task_j, "task_j")
         # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
@@ -413,7 +436,8 @@ def _fd_terms(step: _Step, task_i, task_j) -> _FdTerms:
     s_names = [plan.names[k] for k in s_idx]
     w_s = [plan.params[k] for k in s_idx]
     g_i_s = [g_i[k] for k in s_idx]
-    alphas = step.inner_step_sizes(g_i_s)
+    alphas = step.inner_step_sizes(g_i_s, [g for g, s in zip(g_i, plan.in_s) if not s] if step.needs_rest_of_g_i
+                                   else [])
     with torch.no_grad():
         w_prime = _inner_step(w_s, g_i_s, alphas, step.scale, out=plan.leaves_like(w_s))
     with frozen_running_stats(model, step.bn_first), evaluated_at(model, dict(zip(s_names, w_prime))) as at_w:
