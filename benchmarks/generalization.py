@@ -707,6 +707,10 @@ def pooled_differences(rows: list[dict]) -> dict[tuple, dict[str, list[float]]]:
     return pooled
 
 
+def p_value(p: float) -> str:
+    return f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}"
+
+
 def pooled_table(rows: list[dict]) -> list[str]:
     """Every current setting's paired differences of one method and model together, with the sign-flip p."""
     pooled = pooled_differences(rows)
@@ -719,9 +723,9 @@ def pooled_table(rows: list[dict]) -> list[str]:
         if not vs_none:
             continue
         wins, losses = sum(d > 0 for d in vs_none), sum(d < 0 for d in vs_none)
-        sam = f"{fmt(vs_sam)} | {sign_flip_p(vs_sam):.3f}" if vs_sam else "- | -"
+        sam = f"{fmt(vs_sam)} | {p_value(sign_flip_p(vs_sam))}" if vs_sam else "- | -"
         lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {len(vs_none)} | {fmt(vs_none)} | {wins} / {losses} | "
-                     f"{sign_flip_p(vs_none):.3f} | {sam} |")
+                     f"{p_value(sign_flip_p(vs_none))} | {sam} |")
     return lines
 
 
@@ -729,9 +733,9 @@ def pooled_findings(rows: list[dict], level: float = 0.05) -> list[str]:
     """The cells whose pooled differences a sign-flip test tells from zero at `level`."""
     pooled = pooled_differences(rows)
     found = [(cell, pooled[cell]["none"]) for cell in cell_order(pooled) if pooled[cell]["none"]]
-    gains = [f"{label(c)} ({difference(d)}, p {sign_flip_p(d):.3f})" for c, d in found
+    gains = [f"{label(c)} ({difference(d)}, p {p_value(sign_flip_p(d))})" for c, d in found
              if sign_flip_p(d) < level and statistics.fmean(d) > 0]
-    losses = [f"{label(c)} ({difference(d)}, p {sign_flip_p(d):.3f})" for c, d in found
+    losses = [f"{label(c)} ({difference(d)}, p {p_value(sign_flip_p(d))})" for c, d in found
               if sign_flip_p(d) < level and statistics.fmean(d) < 0]
     lines = [f"- Better than standard training over all current settings (p < {level}): "
              f"{'; '.join(gains) if gains else 'none'}.",
