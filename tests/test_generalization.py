@@ -228,6 +228,10 @@ def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme_by_hand():
     assert g.sign_flip_p([1.0, -2.0, 3.0]) == 6 / 8         # |sum| >= 2: all but the two zeros
     assert g.sign_flip_p([0.5] * 5) == 2 / 32               # five gains: the best 5 seeds can show
     assert g.sign_flip_p([0.1, 0.2, 0.3 - 0.6]) == 1.0      # sum 0 up to rounding: every pattern ties or beats it
+    # beyond 16 pairs, random patterns: all 30 gains (exact p 2^-29) is as extreme as 1 + the draws allow;
+    # a zero sum still has p 1
+    assert g.sign_flip_p([0.5] * 30) == pytest.approx(1 / (1 + g.SIGN_FLIP_DRAWS), abs=1e-5)
+    assert g.sign_flip_p([1.0, -1.0] * 15) == 1.0
 
 
 def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):

@@ -84,27 +84,48 @@ def test_rule_clip_clips_the_inner_gradient_as_the_outer_one(max_norm):
     assert stats.inner_step == pytest.approx(0.1 * min(g_norm, max_norm or math.inf), rel=1e-9)
 
 
+def relu_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).double().train()
+
+
+@pytest.mark.parametrize("make", [net, relu_net], ids=["tanh", "relu"])
 @pytest.mark.parametrize("second_order", ["exact", "fd"])
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
-def test_rule_clip_on_a_subset_reads_the_whole_gradients_norm_as_the_outer_clipping_does(second_order, max_norm):
+def test_rule_clip_on_a_subset_reads_the_whole_gradients_norm_as_the_outer_clipping_does(second_order, max_norm,
+                                                                                         make):
     """S = the last layer only: the clip factor is the one the outer step's clipping would give task i's whole
     gradient, so the inner step on S is the clipped SGD step restricted to S (not P_S g_i clipped on its own)."""
-    model = net()
+    model = make()
     cfg = MLTPConfig(variant="2.*", second_order=second_order, alpha_rule="clip")
     step = MLTPStep(Accelerator(cpu=True), model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, ce,
                     max_grad_norm=max_norm)
     stats = step.pair(batch())
-    g = task_i_grads(net(), batch())
+    g = task_i_grads(make(), batch())
     g_norm, g_s_norm = norm(g.values()), norm([g["2.weight"], g["2.bias"]])
     assert g_s_norm < 0.9 * g_norm and g_norm > 1e-3          # the two clip factors differ at max_norm 1e-3
     factor = min(1.0, max_norm / g_norm)
     assert stats.alpha == pytest.approx(0.1 * factor, rel=1e-9)
     assert stats.inner_step == pytest.approx(0.1 * factor * g_s_norm, rel=1e-9)
     # reading the rest of g_i changes alpha only: the gradient is the one that alpha, given as a number, gives
-    reference = net()
+    reference = make()
     mltp_backward(reference, *split_tasks(batch()), ce, cfg, 0.1 * factor)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_whole_gradients_norm_is_asked_for_only_where_a_clipped_step_is_used():
+    """Exact second order on a subset pays one more backward for ||g_i||: only under clipping, and not once
+    Adam-type groups follow their last update."""
+    model = net()
+    sgd = mltp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), max_grad_norm=1.0).inner_step
+    adam_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    adam = mltp_step(model, adam_opt, max_grad_norm=1.0)
+    unclipped = mltp_step(model, torch.optim.SGD(model.parameters(), lr=0.1)).inner_step
+    assert sgd.uses_gradient_norm and adam.inner_step.uses_gradient_norm and not unclipped.uses_gradient_norm
+    train_step(adam, adam_opt, batch())
+    adam.inner_step.alpha()                        # measures the update the optimizer made
+    assert adam.inner_step.last_update and not adam.inner_step.uses_gradient_norm
 
 
 @pytest.mark.parametrize("target", [1e-4, 3e-2])

@@ -60,8 +60,15 @@ class InnerStepSize:
 
     @property
     def uses_gradient_norm(self) -> bool:
-        """Whether `mltp_backward` must pass ||g_i|| over every trainable parameter: the outer step clips."""
-        return self.max_grad_norm is not None and self.cfg.alpha_rule in ("clip", "update", "optimizer")
+        """Whether `mltp_backward` must pass ||g_i|| over every trainable parameter: the outer step clips and the
+        clipped step is used (rule clip; update and optimizer before the first update; optimizer on SGD-type
+        groups). Exact second order on a subset S pays one more backward for it, so only then."""
+        rule = self.cfg.alpha_rule
+        if self.max_grad_norm is None or rule not in ("clip", "update", "optimizer"):
+            return False
+        if rule == "clip" or not self.last_update:
+            return True
+        return rule == "optimizer" and not all(_is_adaptive(group) for group in self.optimizer.param_groups)
 
     def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float],
                  gradient_norm: float | None = None) -> dict[str, float]:
