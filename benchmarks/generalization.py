@@ -57,6 +57,8 @@ from timm_mltp.mltp import ALPHA_RULES, MLTPConfig, MLTPStats  # noqa: E402
 from timm_mltp.passes import frozen_running_stats as _frozen_running_stats  # noqa: E402
 from timm_mltp.selection import select_parameters  # noqa: E402
 
+from pretrain_backbone import MODEL_KWARGS, backbone_path, class_split, pretrain  # noqa: E402  (benchmarks/)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_CSV = ROOT / "benchmarks" / "results" / "generalization.csv"
 QUICK_CSV = ROOT / "output" / "generalization-quick.csv"
@@ -98,6 +100,20 @@ class Setting:
     recipe: dict = field(default_factory=dict)   # further TrainArgs options
     about: str = ""                     # the setting in one paragraph, for the report
     pooled: bool = True                 # False: an earlier version of a setting, left out of the pooled tables
+    opt: str = "sgd"                    # sgd: the engine's SGD + momentum, the Trainer's plain SGD; adamw: both AdamW
+    lr: float = LR
+    weight_decay: float | None = None   # None: each path's default (engine 5e-4, Trainer 0)
+    warmup_epochs: int = 0
+    batch_size: int = BATCH_SIZE        # B, per task
+    data: str = "full"                  # full: Fashion-MNIST's 10 classes; finetune: classes 5-9 on a backbone
+    #                                     pretrained on classes 0-4 (benchmarks/pretrain_backbone.py)
+    eval_every_epoch: bool = True       # False: the test split once, after the last epoch
+
+
+ADAMW_LR, ADAMW_WD = 2e-3, 0.05         # the example of issue 16: HF Trainer at lr 2e-3, weight decay 0.05
+ADAMW_EPOCHS, ADAMW_SAMPLES = 5, 4_000
+FINETUNE_LR, FINETUNE_EPOCHS, FINETUNE_BATCH = 1e-3, 15, 16
+FINETUNE_SAMPLES = (250, 1_000)         # about 50 and 200 images per class of classes 5-9 (the study ran 250)
 
 
 SETTINGS = {
@@ -134,6 +150,29 @@ SETTINGS = {
               + f"; RandomResizedCrop 0.08-1, flip, {RECIPE_EPOCHS} epochs, no clipping. Mixup and cutmix mix "
                 f"within each task. With EMA on, the engine reports (and this study records) the EMA weights' "
                 f"top-1, as timm does."),
+    "adamw": Setting(
+        ADAMW_EPOCHS, (ADAMW_SAMPLES,), (0.08, 1.0), 1.0, PATHS, opt="adamw", lr=ADAMW_LR, weight_decay=ADAMW_WD,
+        warmup_epochs=1, eval_every_epoch=False,
+        about=f"From scratch under AdamW, the shape of timm's ViT/ConvNeXt recipes and of the Hugging Face "
+              f"Trainer's default: AdamW lr {ADAMW_LR}, weight decay {ADAMW_WD}, cosine, gradient norm clipped at "
+              f"1.0, {ADAMW_SAMPLES:,} images x {ADAMW_EPOCHS} epochs, RandomResizedCrop 0.08-1 and flip, on a ViT "
+              f"(timm `test_vit` at 32 px with 4-pixel patches) and `test_convnext`. Path `engine`: the recipe "
+              f"(`--opt adamw`, one warmup epoch); path `hf-trainer`: `MLTPTrainer` at the Trainer's defaults "
+              f"(`adamw_torch`, no warmup) with that lr and weight decay: issue 16's example, where the old default "
+              f"rule (`optimizer`, which is `update` under Adam) lost 3.5 points with `conv`. Alpha rules: "
+              f"`optimizer` (the old default), `preconditioned` (Adam's own step on g_i, without momentum) and "
+              f"`online` (that step times a factor adapted from the cosine); evaluated once, after the last epoch."),
+    "finetune": Setting(
+        FINETUNE_EPOCHS, FINETUNE_SAMPLES, (0.08, 1.0), 1.0, PATHS, opt="adamw", lr=FINETUNE_LR,
+        weight_decay=ADAMW_WD, batch_size=FINETUNE_BATCH, data="finetune", eval_every_epoch=False,
+        about=f"Fine-tuning a pretrained backbone: each model is first trained with standard training on "
+              f"Fashion-MNIST's classes 0-4 (all 30,000 images; `benchmarks/pretrain_backbone.py`, deterministic, "
+              f"cached outside git), then fine-tuned with its classifier re-initialised on classes 5-9 from "
+              f"{' or '.join(f'{n:,}' for n in FINETUNE_SAMPLES)} images (about 50 or 200 a class, a random subset "
+              f"per seed), B = {FINETUNE_BATCH}, AdamW lr {FINETUNE_LR}, weight decay {ADAMW_WD}, cosine, clipping "
+              f"1.0, {FINETUNE_EPOCHS} epochs, and evaluated on those classes' 5,000 test images. Path `engine`: the "
+              f"recipe with `--pretrained-path`; path `hf-trainer`: `MLTPTrainer` on a TimmWrapper model whose timm "
+              f"backbone is loaded from the same file."),
     "short": Setting(
         4, (20_000,), (0.8, 1.0), None, pooled=False,
         about="Issue 5's study: 4 epochs, RandomResizedCrop 0.8-1 and flip, no clipping, MLTP with alpha = lr "
@@ -147,7 +186,7 @@ QUICK = dict(setting="underfit", methods=("none", "fo", "sam"), models=("test_co
 COLUMNS = ["device", "setting", "path", "method", "model", "seed", "epochs", "train_samples", "alpha_rule",
            "samples_seen", "optimizer_steps", "wall_seconds", "final_top1", "best_top1", "test_loss",
            "final_train_loss", "mean_grad_cosine", "mean_relative_step", "mean_update_ratio", "gamma", "alpha_scale",
-           "batch_size", "lr"]
+           "batch_size", "lr", "mean_second_order_share"]
 TEXT_COLUMNS = ("device", "setting", "path", "method", "model", "alpha_rule")
 KEY_TYPES = {"device": str, "setting": str, "path": str, "method": str, "model": str, "seed": int, "epochs": int,
              "train_samples": int, "alpha_rule": str, "gamma": float, "alpha_scale": float}
@@ -283,14 +322,30 @@ def device_name(threads: int) -> str:
     return f"cpu {cpu}, {threads} thread{'s' if threads > 1 else ''}"
 
 
+def run_data(run: Run, dataset: Path | None) -> tuple[Path | None, Path | None]:
+    """The run's dataset and, for `finetune`, the pretrained backbone it starts from (built where missing)."""
+    if SETTINGS[run.setting].data != "finetune" or dataset is None:
+        return dataset, None
+    return class_split(dataset, "5to9"), pretrain(run.model, dataset)
+
+
 def train_options(run: Run, dataset: Path | None, output: str) -> dict:
     setting = SETTINGS[run.setting]
+    dataset, backbone = run_data(run, dataset)
+    optimizer = {} if setting.opt == "sgd" else {"opt": setting.opt, "warmup_epochs": setting.warmup_epochs}
+    if setting.weight_decay is not None:
+        optimizer["weight_decay"] = setting.weight_decay
+    if backbone is not None:
+        optimizer["pretrained_path"] = str(backbone)
+    if not setting.eval_every_epoch:
+        optimizer["val_interval"] = run.epochs
     return dict(model=run.model, dataset=None if dataset is None else str(dataset), img_size=IMG_SIZE,
-                max_train_samples=run.train_samples, scale=setting.scale, hflip=HFLIP, batch_size=BATCH_SIZE,
-                epochs=run.epochs, lr=LR, clip_grad=setting.clip_grad,
+                max_train_samples=run.train_samples, scale=setting.scale, hflip=HFLIP, batch_size=setting.batch_size,
+                epochs=run.epochs, lr=setting.lr, clip_grad=setting.clip_grad,
                 variant="none" if run.method == "sam" else run.method, gamma=run.gamma, alpha_scale=run.alpha_scale,
                 alpha_rule=None if run.method in BASELINES else run.alpha_rule, seed=run.seed, output=output,
-                experiment=f"{run.model}-{run.method}-s{run.seed}", progress=False, workers=0, **setting.recipe)
+                experiment=f"{run.model}-{run.method}-s{run.seed}", progress=False, workers=0,
+                model_kwargs=MODEL_KWARGS.get(run.model, {}), **optimizer, **setting.recipe)
 
 
 def missing_options(setting: str) -> list[str]:
@@ -318,10 +373,18 @@ def fit_hf_trainer(run: Run, dataset: Path | None, output: str) -> dict:
     from timm_mltp.trainer import MLTPTrainingArguments
 
     setting = SETTINGS[run.setting]
+    dataset, backbone = run_data(run, dataset)
     data = load_image_dataset(None if dataset is None else str(dataset))
     set_seed(run.seed)
-    config = TimmWrapperConfig(architecture=run.model, num_labels=data.num_classes)
+    config = TimmWrapperConfig(architecture=run.model, num_labels=data.num_classes,
+                               model_args=MODEL_KWARGS.get(run.model, {}) | ({"img_size": IMG_SIZE}
+                                                                             if run.model in MODEL_KWARGS else {}))
     model = TimmWrapperForImageClassification(config)
+    if backbone is not None:   # the backbone's weights; the classifier keeps its fresh initialisation
+        missing, unexpected = model.timm_model.load_state_dict(torch.load(backbone, weights_only=True), strict=False)
+        classifier = model.timm_model.pretrained_cfg.get("classifier", "head")
+        if unexpected or any(not k.startswith(classifier + ".") for k in missing):
+            raise RuntimeError(f"{backbone} does not fit {run.model}: missing {missing}, unexpected {unexpected}")
     train_tf = create_transforms(model.timm_model, img_size=IMG_SIZE, scale=setting.scale, hflip=HFLIP,
                                  color_jitter=0.0)
     eval_tf = create_transforms(model.timm_model, img_size=IMG_SIZE, is_training=False, crop_pct=1.0)
@@ -329,10 +392,16 @@ def fit_hf_trainer(run: Run, dataset: Path | None, output: str) -> dict:
     train = apply_transforms(train, train_tf, data.image_column, data.label_column)
     test = apply_transforms(data.eval, eval_tf, data.image_column, data.label_column)
     rule = {} if run.method in BASELINES else {"mltp_alpha_rule": run.alpha_rule}
+    # the Trainer's defaults, but for the setting's optimizer (its default: AdamW), lr and weight decay
+    optimizer = {"optim": "sgd"} if setting.opt == "sgd" else {}
+    if setting.weight_decay is not None:
+        optimizer["weight_decay"] = setting.weight_decay
     args = MLTPTrainingArguments(
-        output_dir=output, per_device_train_batch_size=BATCH_SIZE, per_device_eval_batch_size=4 * BATCH_SIZE,
-        optim="sgd", learning_rate=LR, lr_scheduler_type="cosine", num_train_epochs=run.epochs,
-        max_grad_norm=setting.clip_grad or 0.0, eval_strategy="epoch", logging_strategy="epoch",
+        output_dir=output, per_device_train_batch_size=setting.batch_size,
+        per_device_eval_batch_size=4 * setting.batch_size, learning_rate=setting.lr, lr_scheduler_type="cosine",
+        num_train_epochs=run.epochs, **optimizer,
+        max_grad_norm=setting.clip_grad or 0.0, eval_strategy="epoch" if setting.eval_every_epoch else "no",
+        logging_strategy="epoch",
         save_strategy="no", report_to="none", disable_tqdm=True, seed=run.seed,
         mltp_variant="none" if run.method == "sam" else run.method, mltp_gamma=run.gamma,
         mltp_alpha_scale=run.alpha_scale, **rule)
@@ -344,13 +413,16 @@ def fit_hf_trainer(run: Run, dataset: Path | None, output: str) -> dict:
                                            data_collator=collate_image_batch, compute_metrics=top1)
     start = time.time()
     trainer.train()
+    if not setting.eval_every_epoch:
+        trainer.evaluate()
     wall_seconds = time.time() - start
-    # one training log (the epoch's means) and one evaluation per epoch, in that order
+    # one training log (the epoch's means) per epoch, and one evaluation per epoch or after the last
     history = trainer.state.log_history
     train_logs = [h for h in history if "loss" in h]
     eval_logs = [h for h in history if "eval_top1" in h]
-    rows = [{"train_loss": t["loss"], "eval_loss": e["eval_loss"], "eval_top1": e["eval_top1"],
-             **{k: t.get(f"mltp_{k}", math.nan) for k in ("grad_cosine", "relative_step", "update_ratio")}}
+    eval_logs = [{}] * (len(train_logs) - len(eval_logs)) + eval_logs
+    rows = [{"train_loss": t["loss"], "eval_loss": e.get("eval_loss"), "eval_top1": e.get("eval_top1"),
+             **{k: t.get(f"mltp_{k}", math.nan) for k in MLTP_LOGGED}}
             for t, e in zip(train_logs, eval_logs)]
     return {"rows": rows, "optimizer_steps": trainer.state.global_step, "wall_seconds": wall_seconds}
 
@@ -361,23 +433,27 @@ def finite_mean(values) -> float | str:
     return float(f"{statistics.fmean(finite):.4g}") if finite else ""
 
 
+MLTP_LOGGED = ("grad_cosine", "relative_step", "update_ratio", "second_order_share")
+
+
 def execute(run: Run, dataset: Path | None, device: str, threads: int) -> dict:
     """Train one run in a throw-away output folder (the checkpoints are not needed) and make its CSV row."""
     torch.set_num_threads(threads)
     fit = fit_engine if run.path == "engine" else fit_hf_trainer
     with tempfile.TemporaryDirectory(prefix="generalization-") as output:
         result = fit(run, dataset, output)
-    rows = result["rows"]
+    rows, batch = result["rows"], SETTINGS[run.setting].batch_size
     evaluated = [r for r in rows if r.get("eval_top1") is not None]
     return {"device": device, **asdict(run),
-            "samples_seen": result["optimizer_steps"] * 2 * BATCH_SIZE, "optimizer_steps": result["optimizer_steps"],
+            "samples_seen": result["optimizer_steps"] * 2 * batch, "optimizer_steps": result["optimizer_steps"],
             "wall_seconds": round(result["wall_seconds"], 2), "final_top1": round(evaluated[-1]["eval_top1"], 3),
             "best_top1": round(max(r["eval_top1"] for r in evaluated), 3),
             "test_loss": round(evaluated[-1]["eval_loss"], 5), "final_train_loss": round(rows[-1]["train_loss"], 5),
             "mean_grad_cosine": finite_mean(r["grad_cosine"] for r in rows),
             "mean_relative_step": finite_mean(r["relative_step"] for r in rows),
             "mean_update_ratio": finite_mean(r["update_ratio"] for r in rows),
-            "batch_size": BATCH_SIZE, "lr": LR}
+            "mean_second_order_share": finite_mean(r.get("second_order_share") for r in rows),
+            "batch_size": batch, "lr": SETTINGS[run.setting].lr}
 
 
 def _execute(job: tuple) -> dict:

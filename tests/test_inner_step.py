@@ -198,3 +198,84 @@ def test_the_rules_memory_is_saved_and_restored_with_a_recipe_checkpoint(tmp_pat
     assert saved["alpha_rule"] == "update" and saved["last_update"] and all(v > 0 for v in saved["last_update"].values())
     resumed = Trainer(TrainArgs(**args, resume=str(tmp_path / "rule" / "last.pth.tar")))
     assert resumed.step.inner_step.last_update == saved["last_update"]
+
+
+def adam_direction_by_hand(opt, param):
+    """1 / (sqrt(v_hat) + eps) from the optimizer's state, written out."""
+    state, group = opt.state[param], opt.param_groups[0]
+    v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+    return 1 / (v_hat.sqrt() + group["eps"])
+
+
+def preconditioned_by_hand(model, opt, g, length):
+    """D = c / (sqrt(v_hat) + eps), c such that ||D g_i|| = length."""
+    direction = {n: adam_direction_by_hand(opt, p) for n, p in model.named_parameters()}
+    c = length / norm([direction[n] * g[n] for n in g])
+    return {n: c * d for n, d in direction.items()}
+
+
+@pytest.mark.parametrize("second_order", ["exact", "fd"])
+def test_rule_preconditioned_is_adams_direction_at_the_length_of_its_last_update(second_order):
+    """Per element alpha = c / (sqrt(v_hat) + eps): the direction AdamW would step in on g_i alone (without
+    momentum), at alpha_scale times the length of its last update; the clipped SGD step before that."""
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    step = mltp_step(model, opt, max_grad_norm=0.5, alpha_rule="preconditioned", alpha_scale=0.3,
+                     second_order=second_order)
+    first = train_step(step, opt, batch(0))                      # no update yet: 0.3 lr x the clipped gradient
+    g = task_i_grads(net(), batch(0))
+    assert first.inner_step == pytest.approx(0.3 * 1e-2 * min(1.0, 0.5 / norm(g.values())) * norm(g.values()),
+                                             rel=1e-9)
+    train_step(step, opt, batch(1))
+    before = [p.detach().clone() for p in model.parameters()]
+    train_step(step, opt, batch(2))
+    last_update = norm([p.detach() - b for p, b in zip(model.parameters(), before)])
+    g = task_i_grads(model, batch(3))
+    alpha = preconditioned_by_hand(model, opt, g, 0.3 * last_update)
+    opt.zero_grad(set_to_none=True)
+    stats = step.pair(batch(3))
+    assert stats.inner_step == pytest.approx(0.3 * last_update, rel=1e-9)
+    assert stats.update_ratio == pytest.approx(0.3, rel=1e-9)
+    assert stats.alpha == pytest.approx(sum(a.sum().item() for a in alpha.values()) /
+                                        sum(p.numel() for p in model.parameters()), rel=1e-9)
+    # the gradient is mltp_backward's with that D given as tensors
+    reference = net()
+    reference.load_state_dict(model.state_dict())
+    mltp_backward(reference, *split_tasks(batch(3)), ce, MLTPConfig(variant="full", second_order=second_order), alpha)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_rule_preconditioned_falls_back_to_clip_on_sgd_groups():
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = mltp_step(model, opt, max_grad_norm=0.01, alpha_rule="preconditioned")
+    train_step(step, opt, batch(0))
+    stats = step.pair(batch(1))
+    assert stats.inner_step == pytest.approx(0.1 * 0.01, rel=1e-9)
+
+
+def test_rule_online_adapts_its_scale_from_the_cosine_and_keeps_it_across_a_checkpoint():
+    from timm_mltp.inner_step import ONLINE_BOUNDS, ONLINE_RATE
+    model = net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    step = mltp_step(model, opt, alpha_rule="online", alpha_scale=0.1)
+    rule = step.inner_step
+    scale = 0.1
+    for seed in range(4):
+        before = [p.detach().clone() for p in model.parameters()]
+        stats = train_step(step, opt, batch(seed))
+        scale *= ONLINE_RATE if stats.grad_cosine > 0 else 1 / ONLINE_RATE
+        assert rule.online_scale == pytest.approx(scale, rel=1e-12)
+    last_update = norm([p.detach() - b for p, b in zip(model.parameters(), before)])
+    stats = step.pair(batch(9))                  # s_t times the preconditioned step at the last update's length
+    assert stats.inner_step == pytest.approx(scale * last_update, rel=1e-9)
+    for cosine in (1.0,) * 200:
+        rule.observe(cosine)
+    assert rule.online_scale == ONLINE_BOUNDS[1]
+    for cosine in (-1.0,) * 400:
+        rule.observe(cosine)
+    assert rule.online_scale == ONLINE_BOUNDS[0]
+    restored = mltp_step(net(), opt, alpha_rule="online", alpha_scale=0.1).inner_step
+    restored.load_state_dict(rule.state_dict())
+    assert restored.online_scale == ONLINE_BOUNDS[0]

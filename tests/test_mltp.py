@@ -360,3 +360,102 @@ def test_loss_fn_may_use_submodules_and_still_sees_w_prime(variant, second_order
     model.zero_grad(set_to_none=True)
     mltp_backward(model, *tasks(), by_layers, MLTPConfig(variant, second_order=second_order), alpha=0.3)
     assert max_rel_err({n: p.grad for n, p in model.named_parameters()}, expected) < 1e-12
+
+
+def relu_maxpool_net():
+    """A kinked net (ReLU, max-pool), float64."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 5)).double().train()
+
+
+def per_element_alpha(model, s_names, seed=7):
+    """A diagonal preconditioner D far from a multiple of the identity: elements spread over two decades, one
+    tensor of S given as a float, one as a broadcast row."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    alpha = {n: 0.3 * 10 ** (2 * torch.rand(params[n].shape, generator=g, dtype=torch.float64) - 1.5)
+             for n in s_names}
+    alpha[s_names[0]] = 0.05
+    last = s_names[-1]
+    if params[last].dim() == 2:
+        alpha[last] = 0.3 * torch.rand(1, params[last].shape[1], generator=g, dtype=torch.float64)
+    return alpha
+
+
+@pytest.mark.parametrize("make", [small_net, relu_maxpool_net], ids=["smooth", "kinked"])
+@pytest.mark.parametrize("variant", ["full", "fc"])
+@pytest.mark.parametrize("second_order,scheme,tol", [("exact", "forward", 1e-10), ("fd", "forward", 1e-5),
+                                                     ("fd", "central", 1e-7)])
+def test_per_element_alpha_matches_brute_force(make, variant, second_order, scheme, tol):
+    """w' = w - D P_S g_i with D diagonal: the gradient (1-gamma) g_i + gamma (g_j' - H_i P_S D g_j') against
+    differentiating the objective written out (SPEC.md, adaptive optimizers). float64: on the kinked net fd's
+    small step crosses no kink of these few samples, so it too lands on the derivative almost everywhere."""
+    model = make()
+    s_names = select_parameters(model, variant)
+    alpha = per_element_alpha(model, s_names)
+    if make is relu_maxpool_net:
+        task_i, task_j = (torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+                          for s in (1, 2))
+        task_i, task_j = (task_i, torch.arange(6) % 5), (task_j, torch.arange(6) % 5)
+    else:
+        task_i, task_j = tasks()
+    expected, expected_loss = reference_grad(model, task_i, task_j, s_names, alpha, 0.4)
+    model.zero_grad(set_to_none=True)
+    stats = mltp_backward(model, task_i, task_j, ce, MLTPConfig(variant=variant, gamma=0.4, second_order=second_order,
+                                                                fd_scheme=scheme), alpha=alpha)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    assert stats.loss == pytest.approx(expected_loss, rel=1e-12)
+    assert max_rel_err(got, expected) < tol
+    # the same gradient with D replaced by its mean is far off: the test sees D's shape, not only its size
+    mean_alpha = {n: float(torch.as_tensor(a, dtype=torch.float64).mean()) for n, a in alpha.items()}
+    isotropic, _ = reference_grad(model, task_i, task_j, s_names, mean_alpha, 0.4)
+    assert max_rel_err(isotropic, expected) > 1e3 * tol
+    # the inner step's length and alpha's mean, by hand
+    params = dict(model.named_parameters())
+    g_i = dict(zip(s_names, torch.autograd.grad(ce(model, task_i), [params[n] for n in s_names])))
+    step = math.sqrt(sum(((torch.as_tensor(alpha[n], dtype=torch.float64) * g_i[n]) ** 2).sum().item() for n in s_names))
+    assert stats.inner_step == pytest.approx(step, rel=1e-9)
+    numel = sum(params[n].numel() for n in s_names)
+    mean = sum((torch.as_tensor(alpha[n], dtype=torch.float64).expand_as(params[n])).sum().item() for n in s_names) / numel
+    assert stats.alpha == pytest.approx(mean, rel=1e-12)
+
+
+def test_per_element_alpha_in_first_order_moves_w_by_d_times_g():
+    model = small_net()
+    names = [n for n, _ in model.named_parameters()]
+    alpha = per_element_alpha(model, names)
+    task_i, task_j = tasks()
+    params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    g_i = torch.autograd.grad(ce(lambda x: functional_call(model, params, (x,)), task_i), list(params.values()))
+    shifted = {n: (p - torch.as_tensor(alpha[n], dtype=torch.float64) * g).detach().requires_grad_() for (n, p), g in zip(params.items(), g_i)}
+    g_j = torch.autograd.grad(ce(lambda x: functional_call(model, shifted, (x,)), task_j), list(shifted.values()))
+    expected = {n: 0.5 * a + 0.5 * b for n, a, b in zip(params, g_i, g_j)}
+    got, stats = grads_of(model, "fo", alpha=alpha)
+    assert max_rel_err(got, expected) < 1e-12
+
+
+def test_per_element_alpha_bad_input_is_a_clear_error():
+    model = small_net()
+    names = select_parameters(model, "full")
+    with pytest.raises(MLTPConfigError, match="does not broadcast"):
+        grads_of(model, "full", alpha={n: torch.ones(7, 7, dtype=torch.float64) for n in names})
+    with pytest.raises(MLTPConfigError, match="finite and >= 0"):
+        grads_of(model, "full", alpha={n: -torch.ones_like(p) for n, p in model.named_parameters()},
+                 second_order="exact")
+
+
+@pytest.mark.parametrize("second_order", ["exact", "fd"])
+def test_second_order_share_is_the_terms_share_of_the_gradient_on_s(second_order):
+    """||gamma P_S H_i v|| / ||P_S grad L_MLTP||, with gamma H_i v = fo's gradient - the exact one (same w')."""
+    model = small_net()
+    s_names = select_parameters(model, "fc")
+    exact, _ = reference_grad(model, *tasks(), s_names, 0.3, 0.5)
+    first, _ = grads_of(model, "fo", alpha={n: 0.3 if n in s_names else 0.0 for n, _ in model.named_parameters()})
+    term = [first[n] - exact[n] for n in s_names]
+    expected = math.sqrt(sum((t ** 2).sum().item() for t in term)) / math.sqrt(
+        sum((exact[n] ** 2).sum().item() for n in s_names))
+    _, stats = grads_of(model, "fc", second_order=second_order, fd_scheme="central")
+    assert expected > 1e-3
+    assert stats.second_order_share == pytest.approx(expected, rel=1e-6)
+    assert grads_of(model, "fo")[1].second_order_share == 0.0

@@ -12,6 +12,23 @@
                                                                    (after clipping, momentum, Adam's scaling);
                                                                    rule `clip` until the first update
     relative  alpha   = relative_step * ||w_S|| / ||P_S g_i||        a fixed relative length of the inner step
+    preconditioned                                                 per element: the direction of the step
+              alpha   = c_g / (sqrt(v_hat) + eps_g)                the optimizer itself would take on g_i
+              c_g: ||alpha P_Sg g_i|| = alpha_scale * ||dw_Sg||     alone (Adam without momentum; v_hat its
+                                                                   bias-corrected second moment, `exp_avg_sq`),
+                                                                   at the length of its last actual update.
+                                                                   Fallbacks: `clip` before the first update
+                                                                   and for groups without a second moment
+                                                                   (SGD); `update` for adaptive ones without
+                                                                   (Lion, Adafactor's factored state)
+    online    alpha   = s_t * (rule preconditioned, alpha_scale 1) s_t adapted every pair from the measured
+                                                                   cosine c of P_S g_i and P_S g_j':
+                                                                   s *= ONLINE_RATE if c > 0 (g_j' still
+                                                                   agrees with g_i: the step is short), else
+                                                                   s /= ONLINE_RATE (past task j's descent
+                                                                   along g_i: overshoot); s starts at
+                                                                   alpha_scale, stays in ONLINE_BOUNDS,
+                                                                   is logged and checkpointed
     optimizer (default) per group: `update` where the optimizer is adaptive (Adam, AdamW, LAMB, RMSprop, ...:
               groups with `betas` or `eps`), whose one-step length momentum does not inflate; `clip`
               elsewhere (SGD), where the last update is mostly momentum, up to 1/(1-momentum) times one step
@@ -30,6 +47,11 @@ from .mltp import MLTPConfig, alpha_from_optimizer
 from .selection import select_parameters
 
 
+# rule online: the factor per pair, and the range of s_t (times the preconditioned step)
+ONLINE_RATE = 1.05
+ONLINE_BOUNDS = (1e-3, 1.0)
+
+
 class InnerStepSize:
     """alpha for `mltp_backward`, from `cfg.alpha_rule`, the optimizer and the outer step's clipping.
 
@@ -46,6 +68,7 @@ class InnerStepSize:
         self._params: list[nn.Parameter] = []          # S, as the optimizer holds it
         self._pending = False
         self.s_names = set(select_parameters(model, cfg.variant)) if cfg.variant != "none" else set()
+        self.online_scale = min(max(cfg.alpha_scale, ONLINE_BOUNDS[0]), ONLINE_BOUNDS[1])   # rule online: s_t
 
     # ---- the rule
 
@@ -62,24 +85,36 @@ class InnerStepSize:
     def uses_gradient_norm(self) -> bool:
         """Whether `mltp_backward` must pass ||g_i|| over every trainable parameter: the outer step clips and the
         clipped step is used (rule clip; update and optimizer before the first update; optimizer on SGD-type
-        groups). Exact second order on a subset S pays one more backward for it, so only then."""
+        groups; preconditioned and online before the first update). Exact second order on a subset S
+        pays one more backward for it, so only then."""
         rule = self.cfg.alpha_rule
-        if self.max_grad_norm is None or rule not in ("clip", "update", "optimizer"):
+        if self.max_grad_norm is None or rule not in ("clip", "update", "optimizer", "preconditioned", "online"):
             return False
+        if rule in ("preconditioned", "online"):    # clip before the first update, and for SGD-type groups
+            return not self.last_update or not all(_is_adaptive(group) for group in self.optimizer.param_groups)
         if rule == "clip" or not self.last_update:
             return True
         return rule == "optimizer" and not all(_is_adaptive(group) for group in self.optimizer.param_groups)
 
+    @property
+    def uses_gradients(self) -> bool:
+        """Whether `mltp_backward` must pass task i's unscaled gradient of S itself (rules preconditioned and
+        online: the length of D P_S g_i)."""
+        return self.cfg.alpha_rule in ("preconditioned", "online")
+
     def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float],
-                 gradient_norm: float | None = None) -> dict[str, float]:
+                 gradient_norm: float | None = None, gradients: dict | None = None) -> dict:
         """alpha per parameter of S from the unscaled norms of P_S g_i and w_S per tensor, and ||g_i|| over every
-        trainable parameter (`gradient_norm`; where not given, S is every trainable parameter)."""
+        trainable parameter (`gradient_norm`; where not given, S is every trainable parameter); `gradients`:
+        P_S g_i per tensor, unscaled, where `uses_gradients`."""
         rule = self.cfg.alpha_rule
         if rule == "relative":
             g_norm = _total(grad_norms.values())
             alpha = self.cfg.relative_step * _total(weight_norms.values()) / g_norm if g_norm > 0 else 0.0
             return dict.fromkeys(grad_norms, alpha)
         clipped = self._clipped_lr(grad_norms, gradient_norm)
+        if rule in ("preconditioned", "online"):
+            return self._preconditioned(grad_norms, clipped, gradients)
         if rule == "clip" or not self.last_update:   # rules update and optimizer: clip until the first update
             return clipped
         group_of = self._group_of_name()
@@ -89,6 +124,46 @@ class InnerStepSize:
         # rule optimizer: adaptive groups follow their last update, the others take the clipped lr step
         adaptive = {k for k, group in enumerate(self.optimizer.param_groups) if _is_adaptive(group)}
         return {n: updated[n] if group_of[n] in adaptive else clipped[n] for n in grad_norms}
+
+    def _preconditioned(self, grad_norms: dict[str, float], clipped: dict[str, float], gradients: dict) -> dict:
+        """Rules preconditioned and online: per element 1 / (sqrt(v_hat) + eps_g), Adam's direction for g_i without
+        momentum, scaled per group to the length of the group's last update; the fallbacks elsewhere."""
+        scale = self.cfg.alpha_scale if self.cfg.alpha_rule == "preconditioned" else self.online_scale
+        if not self.last_update:
+            return {n: a * scale / max(self.cfg.alpha_scale, 1e-30) for n, a in clipped.items()}
+        params = dict(self.model.named_parameters())
+        group_of = self._group_of_name()
+        updated = self._as_long_as_last_update(grad_norms, group_of)
+        alpha, preconditioned = {}, []
+        for name in grad_norms:
+            k = group_of[name]
+            group = self.optimizer.param_groups[k] if k >= 0 else {}
+            v_hat = _second_moment(self.optimizer.state.get(params[name], {}), group, params[name])
+            if v_hat is not None:
+                alpha[name] = v_hat.sqrt_().add_(group.get("eps", 1e-8)).reciprocal_()
+                preconditioned.append(name)
+            elif _is_adaptive(group):
+                alpha[name] = updated[name] * scale / max(self.cfg.alpha_scale, 1e-30)
+            else:
+                alpha[name] = clipped[name] * scale / max(self.cfg.alpha_scale, 1e-30)
+        if preconditioned:   # per group: ||D P_Sg g_i|| = scale * ||last update of S in g||
+            norms = torch.stack(torch._foreach_norm(torch._foreach_mul(
+                [alpha[n] for n in preconditioned], [gradients[n] for n in preconditioned]))).double().tolist()
+            squares: dict[int, float] = {}
+            for name, norm in zip(preconditioned, norms):
+                squares[group_of[name]] = squares.get(group_of[name], 0.0) + norm * norm
+            for name in preconditioned:
+                k = group_of[name]
+                factor = scale * self.last_update.get(k, 0.0) / math.sqrt(squares[k]) if squares[k] > 0 else 0.0
+                alpha[name].mul_(factor)
+        return alpha
+
+    def observe(self, grad_cosine: float) -> None:
+        """Rule online: adapt s_t from the cosine of P_S g_i and P_S g_j' this pair measured."""
+        if self.cfg.alpha_rule != "online" or not math.isfinite(grad_cosine):
+            return
+        factor = ONLINE_RATE if grad_cosine > 0 else 1 / ONLINE_RATE
+        self.online_scale = min(max(self.online_scale * factor, ONLINE_BOUNDS[0]), ONLINE_BOUNDS[1])
 
     def _clipped_lr(self, grad_norms: dict[str, float], gradient_norm: float | None) -> dict[str, float]:
         """Rule clip: the learning rate, times the factor the outer step's norm clipping would apply to g_i."""
@@ -149,15 +224,30 @@ class InnerStepSize:
 
     def state_dict(self) -> dict:
         self._measure_update()
-        return {"alpha_rule": self.cfg.alpha_rule, "last_update": dict(self.last_update)}
+        return {"alpha_rule": self.cfg.alpha_rule, "last_update": dict(self.last_update),
+                "online_scale": self.online_scale}
 
     def load_state_dict(self, state: dict) -> None:
         self.last_update = {int(k): float(v) for k, v in state.get("last_update", {}).items()}
+        self.online_scale = float(state.get("online_scale", self.online_scale))
 
 
 def _is_adaptive(group: dict) -> bool:
     """Whether a parameter group's optimizer scales each step itself (Adam's family, RMSprop, LAMB, ...)."""
     return "betas" in group or "eps" in group
+
+
+def _second_moment(state: dict, group: dict, param: torch.Tensor) -> torch.Tensor | None:
+    """The optimizer's bias-corrected second-moment estimate v_hat of `param` (a new tensor), or None where it
+    holds none of the parameter's shape (no state yet, SGD, Adafactor's factored rows and columns)."""
+    v = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
+    v = state.get("exp_avg_sq") if v is None else v
+    if not isinstance(v, torch.Tensor) or v.shape != param.shape:
+        return None
+    step = float(state.get("step", 0))
+    beta2 = group.get("betas", (0.9, 0.999))[1]
+    correction = 1 - beta2 ** step if step > 0 else 1.0
+    return v.detach().to(param.dtype).div(correction)
 
 
 def _total(norms) -> float:

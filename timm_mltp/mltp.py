@@ -44,7 +44,7 @@ _logger = logging.getLogger("timm_mltp")
 SECOND_ORDER = ("auto", "exact", "fd")
 BN_UPDATE = ("both", "first")
 FD_SCHEMES = ("forward", "central")
-ALPHA_RULES = ("optimizer", "lr", "fixed", "clip", "update", "relative")
+ALPHA_RULES = ("optimizer", "lr", "fixed", "clip", "update", "relative", "preconditioned", "online")
 
 # Finite-difference step, relative to the weight norm of S: ||r v|| = fd_eps * ||w_S|| (an absolute step
 # fd_eps where ||w_S|| = 0). Measured against exact double backward on smooth timm models
@@ -69,7 +69,7 @@ class MLTPConfig:
     fd_scheme: str = "forward"   # fd: one-sided difference reusing g_i (1 extra pass) or central (2)
     fd_eps: float | None = None  # fd: step size relative to ||w_S||; None picks by dtype
     # the inner step size alpha (timm_mltp/inner_step.py turns the rule into alpha every step)
-    alpha_rule: str = "optimizer"  # optimizer | lr | fixed | clip | update | relative
+    alpha_rule: str = "optimizer"  # optimizer | lr | fixed | clip | update | relative | preconditioned | online
     alpha: float | None = None   # rule fixed: the inner step size itself
     alpha_scale: float = 1.0     # rules lr, clip, update: multiplies the step they give
     relative_step: float = 1e-3  # rule relative: ||alpha P_S g_i|| / ||w_S||
@@ -117,6 +117,9 @@ class MLTPStats:
     relative_step: float  # ||alpha P_S g_i|| / ||w_S||
     second_order: str    # none | first | exact | fd: how the gradient was obtained
     update_ratio: float = math.nan  # ||alpha P_S g_i|| / ||last actual update of S||, set by MLTPStep
+    # ||gamma P_S H_i v|| / ||P_S grad L_MLTP||: how much of the gradient on S the second-order term is (0 for
+    # none and fo)
+    second_order_share: float = 0.0
 
     def __getitem__(self, key: str):
         return getattr(self, key)
@@ -177,11 +180,15 @@ def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
     return {n: float(lr_of[id(p)]) * alpha_scale for n, p in model.named_parameters() if id(p) in lr_of}
 
 
-# alpha as mltp_backward takes it: a float, {name: float} over S, or a rule called with the unscaled
+# alpha as mltp_backward takes it: a float, {name: float or tensor} over S, or a rule called with the unscaled
 # per-tensor norms {name: ||P_S g_i||} and {name: ||w||} of S that returns one of the first two. A rule with a
 # true `uses_gradient_norm` attribute is also given `gradient_norm=`: the unscaled ||g_i|| over every trainable
-# parameter, the norm an outer step's gradient clipping reads (it differs from ||P_S g_i|| where S is a subset)
-Alpha = float | Mapping[str, float] | Callable[[dict, dict], float | Mapping[str, float]]
+# parameter, the norm an outer step's gradient clipping reads (it differs from ||P_S g_i|| where S is a subset);
+# one with a true `uses_gradients` attribute `gradients=`: {name: P_S g_i}, unscaled, detached.
+# A tensor for a parameter is a per-element step size, a diagonal preconditioner D (SPEC.md, adaptive
+# optimizers): w' = w - D P_S g_i, and the second-order term becomes H_i P_S D g_j'. It must broadcast to the
+# parameter's shape, be finite and >= 0; like a float it is a constant of the step (used detached).
+Alpha = float | Mapping[str, float | torch.Tensor] | Callable[[dict, dict], float | Mapping[str, float | torch.Tensor]]
 
 
 def _uses_gradient_norm(alpha: Alpha) -> bool:
@@ -198,11 +205,14 @@ class _Step:
     cfg: MLTPConfig
     alpha: Alpha
     scale: float       # loss scale: multiplies the returned gradients; the inner step is always unscaled
-    alphas: list[float] = field(default_factory=list)   # per tensor of S, set by `inner_step_sizes`
+    alphas: list[float | torch.Tensor] = field(default_factory=list)   # per tensor of S, by `inner_step_sizes`
+    mean_alpha: float = 0.0     # alpha's mean over the elements of S
+    max_alpha: float = 0.0      # and its largest element
     inner_step: float = 0.0
     relative_step: float = 0.0
     g_s_norm: float = 0.0   # ||P_S g_i|| as passed to `inner_step_sizes` (loss-scaled), for the cosine
     w_s_norm: float = 0.0   # ||w_S||, for fd's step
+    second_order_share: torch.Tensor | None = None   # see MLTPStats; set by exact and fd
 
     @property
     def bn_first(self) -> bool:
@@ -237,21 +247,43 @@ class _Step:
             [w.detach() for w in w_s]) + rest_norms).double().tolist()
         g_norms = dict(zip(s_names, (x / self.scale for x in norms[:n])))
         w_norms = dict(zip(s_names, norms[n:2 * n]))
+        kwargs = {}
         if _uses_gradient_norm(self.alpha):
-            gradient_norm = math.sqrt(sum(x * x for x in norms[:n] + norms[2 * n:])) / self.scale
-            alpha = self.alpha(g_norms, w_norms, gradient_norm=gradient_norm)
+            kwargs["gradient_norm"] = math.sqrt(sum(x * x for x in norms[:n] + norms[2 * n:])) / self.scale
+        if callable(self.alpha) and getattr(self.alpha, "uses_gradients", False):
+            g_detached = [g.detach() for g in g_s]
+            kwargs["gradients"] = dict(zip(s_names, g_detached if self.scale == 1.0 else
+                                           torch._foreach_div(g_detached, self.scale)))
+        alpha = self.alpha(g_norms, w_norms, **kwargs) if callable(self.alpha) else self.alpha
+        self.alphas = _alphas(alpha, s_names, w_s)
+        if any(isinstance(a, torch.Tensor) for a in self.alphas):
+            # per-element alpha: ||D P_S g_i|| and alpha's sum, max and min take one more pass (and sync)
+            step_norms = _step_norms(self.alphas, [g.detach() for g in g_s])
+            full = [a.expand_as(w) if isinstance(a, torch.Tensor) else torch.full((), a, dtype=torch.float64, device=w.device)
+                    for a, w in zip(self.alphas, w_s)]
+            summary = torch.stack([torch.stack([a.double().sum() * (w.numel() / a.numel()), a.double().max(),
+                                                a.double().min()]).to(step_norms.device) for a, w in zip(full, w_s)])
+            sums, maxes, mins = summary.T.tolist()
+            self.inner_step = math.sqrt(sum(x * x for x in step_norms.double().tolist())) / self.scale
+            self.mean_alpha = sum(sums) / sum(w.numel() for w in w_s)
+            self.max_alpha = max(maxes)
+            if not (math.isfinite(self.mean_alpha) and math.isfinite(self.max_alpha) and min(mins) >= 0):
+                raise MLTPConfigError(f"alpha (a per-element inner step size) must be finite and >= 0 everywhere; "
+                                      f"got values from {min(mins):.3g} to {self.max_alpha:.3g}")
         else:
-            alpha = self.alpha(g_norms, w_norms) if callable(self.alpha) else self.alpha
-        self.alphas = _alphas(alpha, s_names)
-        self.inner_step = math.sqrt(sum((a * g_norms[n]) ** 2 for a, n in zip(self.alphas, s_names)))
+            self.inner_step = math.sqrt(sum((a * g_norms[n]) ** 2 for a, n in zip(self.alphas, s_names)))
+            self.mean_alpha = sum(a * w.numel() for a, w in zip(self.alphas, w_s)) / sum(w.numel() for w in w_s)
+            self.max_alpha = max(self.alphas)
         w_norm = math.sqrt(sum(x * x for x in w_norms.values()))
         self.g_s_norm, self.w_s_norm = math.sqrt(sum(x * x for x in norms[:n])), w_norm
         self.relative_step = self.inner_step / w_norm if w_norm > 0 else (math.inf if self.inner_step else 0.0)
         return self.alphas
 
 
-def _alphas(alpha: float | Mapping[str, float], s_names: list[str]) -> list[float]:
-    """One inner step size per tensor of S."""
+def _alphas(alpha: float | Mapping[str, float | torch.Tensor], s_names: list[str],
+            w_s: list[torch.Tensor] | None = None) -> list[float | torch.Tensor]:
+    """One inner step size per tensor of S: a float, or a tensor of per-element sizes (checked for shape here,
+    for values where `inner_step_sizes` measures them)."""
     if isinstance(alpha, Mapping):
         missing = [n for n in s_names if n not in alpha]
         if missing:
@@ -261,10 +293,36 @@ def _alphas(alpha: float | Mapping[str, float], s_names: list[str]) -> list[floa
         values = [alpha[n] for n in s_names]
     else:
         values = [alpha] * len(s_names)
-    for v in values:
+    out = []
+    for k, v in enumerate(values):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            w = None if w_s is None else w_s[k]
+            if w is not None and not _broadcasts_to(v.shape, w.shape):
+                raise MLTPConfigError(f"alpha for {s_names[k]} has shape {tuple(v.shape)}, which does not broadcast "
+                                      f"to the parameter's shape {tuple(w.shape)}")
+            out.append(v.detach())
+            continue
+        v = v.item() if isinstance(v, torch.Tensor) else v
         if not _is_number(v):
             raise MLTPConfigError(f"alpha (the inner step size) must be a finite number >= 0, got {v!r}")
-    return [float(v) for v in values]
+        out.append(float(v))
+    return out
+
+
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
+def _step_norms(alphas: list[float | torch.Tensor], vectors: list[torch.Tensor],
+                norms: torch.Tensor | None = None) -> torch.Tensor:
+    """||alpha_k v_k|| per tensor k (per-element alpha: ||D v||); `norms`: the ||v_k||, where a caller has them."""
+    if not any(isinstance(a, torch.Tensor) for a in alphas):
+        norms = _norms(vectors) if norms is None else norms
+        return norms * torch.tensor(alphas, dtype=norms.dtype, device=norms.device)
+    return _norms([a * v if isinstance(a, torch.Tensor) else v * a for a, v in zip(alphas, vectors)])
 
 
 def _grad(loss, inputs, scale: float, create_graph=False):
@@ -296,13 +354,20 @@ def _cosine(a, b, a_norm: float | None = None, b_norms: torch.Tensor | None = No
     return _dot(a, b) / (a_norm * b_norm).clamp_min(1e-30)
 
 
-def _inner_step(params, grads, alphas, scale, out=None):
-    """w' = w - alpha * grad, one fused kernel per tensor, into `out` where given; the gradient is unscaled."""
+def _inner_step(params, grads, alphas, scale, out=None, sign: float = 1.0):
+    """w' = w - sign * alpha * grad (a per-element alpha multiplies elementwise), one fused kernel per tensor,
+    into `out` where given; the gradient is unscaled."""
+    def moved(p, g, a, o=None):
+        kw = {} if o is None else {"out": o}
+        if isinstance(a, torch.Tensor):
+            return torch.addcmul(p, a, g, value=-sign / scale, **kw)
+        return torch.add(p, g, alpha=-sign * a / scale, **kw)
+
     if out is None:
-        return [torch.add(p, g, alpha=-a / scale) for p, g, a in zip(params, grads, alphas)]
+        return [moved(p, g, a) for p, g, a in zip(params, grads, alphas)]
     with torch.no_grad():
         for p, g, a, o in zip(params, grads, alphas, out):
-            torch.add(p, g, alpha=-a / scale, out=o)
+            moved(p, g, a, o)
     return out
 
 
@@ -362,6 +427,11 @@ def _exact(step: _Step, task_i, task_j):
         # one backward through both tasks and the inner gradient; asking for w' too yields gamma P_S g_j'
         grads = step.grad(torch.lerp(loss_i, loss_j, step.cfg.gamma), plan.params + w_prime)
     n = len(plan.params)
+    with torch.no_grad():   # on S the gradient is (1-gamma) g_i + gamma g_j' - gamma H_i v; grads[n:] = gamma g_j'
+        grads_s = [grads[k].detach() for k in plan.s_index]
+        term = torch._foreach_sub(torch._foreach_sub(grads_s, torch._foreach_mul([g.detach() for g in g_s],
+                                                                                1 - step.cfg.gamma)), grads[n:])
+        step.second_order_share = _norms(term).norm() / _norms(grads_s).norm().clamp_min(1e-30)
     return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:], a_norm=step.g_s_norm)
 
 
@@ -382,18 +452,18 @@ def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, v_norms: tor
     w_s = [plan.params[k] for k in s_idx]
     with torch.no_grad():
         eps = eps or _FD_EPS[scheme].get(w_s[0].dtype, _FD_EPS[scheme][torch.float32])
-        v_norm = (v_norms * torch.tensor([a / scale for a in alphas], device=v_norms.device)).norm()
+        v_norm = _step_norms(alphas, v_dir, v_norms).norm() / scale                # ||v||, v = alpha P_S v_dir
         reference = step.w_s_norm if step.w_s_norm > 0 else 1.0       # ||w_S||, from the inner step
         r = float(eps * reference / v_norm.clamp_min(1e-30))          # one sync; fused adds below
     # v = 0 (or underflowed): H_i v = 0. v not finite (fp16 overflow): g_j' is not either, and the step is skipped
-    if not (r > 0 and math.isfinite(r * max(alphas) / scale)):
+    if not (r > 0 and math.isfinite(r * step.max_alpha / scale)):
         return [torch.zeros_like(g) for g in g_i]
     device = w_s[0].device.type
     devices = rng_devices(plan.params)
 
     def g_i_at(sign: float) -> list[torch.Tensor]:
         """grad L_i at w + sign r v."""
-        shifted = _inner_step(w_s, v_dir, [-sign * r * a for a in alphas], scale, out=plan.leaves_like(w_s))
+        shifted = _inner_step(w_s, v_dir, alphas, scale / r, out=plan.leaves_like(w_s), sign=-sign)
         precision = torch.autocast(device, enabled=False) if full_precision else contextlib.nullcontext()
         with replayed_rng(rng_i, devices), frozen_running_stats(model), precision, \
                 evaluated_at(model, dict(zip(s_names, shifted))) as at_shifted:
@@ -458,6 +528,9 @@ def _fd_terms(step: _Step, task_i, task_j) -> _FdTerms:
 def _fd_gradient(step: _Step, t: _FdTerms) -> list[torch.Tensor]:
     torch._foreach_sub_(t.g_j, t.h_i_v)                              # g_j' - H_i v
     torch._foreach_lerp_(t.g_i, t.g_j, step.cfg.gamma)               # (1-gamma) g_i + gamma (g_j' - H_i v)
+    s_idx = step.plan.s_index
+    step.second_order_share = step.cfg.gamma * _norms([t.h_i_v[k] for k in s_idx]).norm() / _norms(
+        [t.g_i[k] for k in s_idx]).norm().clamp_min(1e-30)
     return t.g_i
 
 
@@ -562,12 +635,13 @@ def _exact_or_why(step: _Step, task_i, task_j, devices: list[int]):
 
 def _left_by(step: _Step, devices: list[int]):
     """What a step leaves besides its gradient: buffers, random state, the inner step's sizes."""
-    return state_of(step.model, devices), (step.alphas, step.inner_step, step.relative_step)
+    return state_of(step.model, devices), (step.alphas, step.mean_alpha, step.max_alpha, step.inner_step,
+                                           step.relative_step)
 
 
 def _as_left_by(step: _Step, left, devices: list[int]) -> None:
     restore_state(step.model, left[0], devices)
-    step.alphas, step.inner_step, step.relative_step = left[1]
+    step.alphas, step.mean_alpha, step.max_alpha, step.inner_step, step.relative_step = left[1]
 
 
 def _warm_seconds(step: _Step, task_i, task_j, before, devices: list[int]) -> list[float]:
@@ -709,7 +783,8 @@ def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any]
     plan = _plan(model, cfg.variant)
     step = _Step(model, plan, loss_fn, cfg, alpha, float(loss_scale))   # one sync if a tensor, not one per tensor
     if not callable(alpha):
-        _alphas(alpha, [plan.names[k] for k in plan.s_index])         # bad alpha: an error before any pass
+        _alphas(alpha, [plan.names[k] for k in plan.s_index],         # bad alpha: an error before any pass
+                [plan.params[k] for k in plan.s_index])
     method = _method_for(model, plan, cfg)
     with torch.enable_grad():
         grads, loss_i, loss_j, cosine, method = _gradient(step, method, task_i, task_j)
@@ -719,12 +794,11 @@ def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any]
         else:
             p.grad.add_(g)
     loss = (1 - cfg.gamma) * loss_i.detach() + cfg.gamma * loss_j.detach()
-    s_numel = [plan.params[k].numel() for k in plan.s_index]
-    mean_alpha = sum(a * n for a, n in zip(step.alphas, s_numel)) / sum(s_numel) if step.alphas else 0.0
+    share = step.second_order_share if method in ("exact", "fd") else torch.zeros(())
     values = torch.stack([loss.double(), loss_i.detach().double(), loss_j.detach().double(),
-                          cosine.double().to(loss.device)]).tolist()  # one device sync per step
-    return MLTPStats(*values, alpha=mean_alpha, inner_step=step.inner_step, relative_step=step.relative_step,
-                     second_order=method)
+                          cosine.double().to(loss.device), share.double().to(loss.device)]).tolist()   # one sync
+    return MLTPStats(*values[:4], alpha=step.mean_alpha, inner_step=step.inner_step, relative_step=step.relative_step,
+                     second_order=method, second_order_share=values[4])
 
 
 def _first_line(e: BaseException) -> str:

@@ -61,6 +61,7 @@ class MLTPStep:
             stats = mltp_backward(self.model, task_i, task_j, self.loss_fn, self.cfg, self.inner_step.alpha(),
                                   loss_scale=self.loss_scale() / accumulation_steps)
         self.finite = self.finite and math.isfinite(stats.loss)
+        self.inner_step.observe(stats.grad_cosine)
         if self.cfg.second_order == "auto":
             self._settle()
         return dataclasses.replace(stats, update_ratio=self.inner_step.update_ratio(stats.inner_step))
