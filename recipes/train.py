@@ -267,6 +267,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--relative-step", type=float, default=D.relative_step,
                    help="rule relative: ||inner step|| / ||w_S|| (default: %(default)s)")
     g.add_argument("--second-order", default=D.second_order, choices=["auto", "exact", "fd"])
+    g.add_argument("--curvature-fraction", type=float, default=D.curvature_fraction,
+                   help="exact and fd: H_i v from this random fraction of task i, in (0, 1] (default: %(default)s)")
     g.add_argument("--bn-update", default=D.bn_update, choices=["both", "first"])
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=D.seed)

@@ -8,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-import timm_mltp.mltp
+import timm_mltp.auto
 from timm_mltp import MLTPConfig, MLTPStep
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
-timm_mltp.mltp.FD_SPEEDUP = 0.0 if rank == 0 else 1e9
+timm_mltp.auto.FD_SPEEDUP = 0.0 if rank == 0 else 1e9
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 16), nn.SiLU(), nn.Linear(16, 4)).double().train()   # smooth: fd is accurate
 step = MLTPStep(accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1), MLTPConfig("full"),

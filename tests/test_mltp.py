@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-import timm_mltp.mltp
+import timm_mltp.auto
 from timm_mltp import (MLTPConfig, MLTPConfigError, alpha_from_optimizer, mltp_backward, second_order_in_use,
                        select_parameters, split_tasks)
 
@@ -243,13 +243,13 @@ def test_auto_keeps_fd_only_where_it_is_accurate_and_faster(monkeypatch):
     """auto measures both on its first step. ReLU/max-pool: fd steps across kinks, exact whatever fd costs.
     ViT (fused attention, run on the math backend for exact): fd is accurate, and kept where it is faster."""
     resnet = timm_with_dropout("test_resnet")
-    monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", math.inf)       # fd counts as faster: accuracy decides
+    monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", math.inf)       # fd counts as faster: accuracy decides
     _, stats = run_seeded(resnet, MLTPConfig("full"))
     assert stats.second_order == "exact" == second_order_in_use(resnet, MLTPConfig("full"))
     vit = timm_with_dropout("test_vit")
     state = copy.deepcopy(vit.state_dict())
     for speedup, expected in ((math.inf, "fd"), (0.0, "exact")):
-        monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", speedup)
+        monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", speedup)
         model = copy.deepcopy(vit)                                     # a model auto has not measured
         auto, stats = run_seeded(model, MLTPConfig("full"))
         assert stats.second_order == expected == second_order_in_use(model, MLTPConfig("full"))

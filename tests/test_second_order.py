@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import timm_mltp.mltp
+import timm_mltp.auto
 from test_mltp import reference_grad
 from timm_mltp import (MLTPConfig, MLTPConfigError, mltp_backward, second_order_check, second_order_in_use,
                        select_parameters, split_tasks)
@@ -22,7 +22,7 @@ from timm_mltp.mltp import KINK_TOLERANCE
 @pytest.fixture
 def fd_speed(monkeypatch):
     """Take timing out of `auto`'s choice: fd counts as faster (math.inf) or never (0.0)."""
-    return lambda factor: monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", factor)
+    return lambda factor: monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", factor)
 
 
 def ce(module, batch):

@@ -99,7 +99,7 @@ def mltp_config(args: TrainArgs) -> MLTPConfig:
     rule = args.alpha_rule or ("fixed" if args.alpha is not None else MLTPConfig.alpha_rule)
     return MLTPConfig(variant=args.variant, gamma=args.gamma, second_order=second_order, bn_update=args.bn_update,
                       alpha_rule=rule, alpha=args.alpha, alpha_scale=args.alpha_scale,
-                      relative_step=args.relative_step)
+                      relative_step=args.relative_step, curvature_fraction=args.curvature_fraction)
 
 
 # ---- model -----------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ differentiable, and its `HardSwish`/`HardSigmoid` modules are already composite.
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -83,4 +85,40 @@ def twice_differentiable():
         yield
 
 
-__all__ = ["twice_differentiable"]
+# what autograd says when an operation has no double backward, and nothing else
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"derivative for .+ is not implemented"
+    r"|double backward"
+    r"|differentiate twice"                      # autograd.Function marked @once_differentiable
+    r"|requires create_graph=False"              # torch.compile'd backward (donated buffers)
+    r"|does not support (higher order|second order|double) (gradients|derivatives|backward)",
+    re.IGNORECASE)
+
+
+def is_double_backward_error(e: BaseException) -> bool:
+    """Whether an error from a double-backward pass means "this operation has no double backward"."""
+    return isinstance(e, (RuntimeError, NotImplementedError)) and bool(_NO_DOUBLE_BACKWARD.search(str(e)))
+
+
+# the code of the wrapper `torch.autograd.function.once_differentiable` puts around every backward it marks
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable_in(loss: torch.Tensor) -> list[str]:
+    """The autograd Functions marked @once_differentiable on the graph of `loss`, by name. Double backward
+    through them does not raise (torch 2.14; autograd's error node for them fires only in some graphs): their
+    part of the second derivative is silently zero."""
+    seen, stack, names = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        function = getattr(type(node), "_forward_cls", None)
+        if getattr(getattr(function, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE:
+            names.add(function.__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return sorted(names)
+
+
+__all__ = ["is_double_backward_error", "once_differentiable_in", "twice_differentiable"]

@@ -13,17 +13,22 @@ like `loss.backward()`. Four ways to get it, one function each:
     fd     (1-gamma) g_i + gamma (g_j' - H_i v), v = alpha P_S g_j',
            H_i v from gradients of L_i at w + r v (and w - r v)    3 (4) fwd + 3 (4) bwd
 
+Curvature from a sample (`curvature_fraction` rho < 1): only H_i v needs second derivatives, and H_i is a
+mean over task i's samples, so exact and fd take it on a random rho-fraction of task i (unbiased, about rho of
+its cost); g_i and w' keep every sample:
+
+    exact  H v = grad_w <alpha P_S g_sample(w), P_S g_j'> (g_j' a constant)   + 1 fwd + double bwd, on the sample
+    fd     H v from gradients of the sample at w + r v and w (or w - r v)     + 2 fwd + 2 bwd, on the sample
+
 `auto` runs both on its first step, from the same state, and keeps fd only where it lands within
-FD_TOLERANCE of exact and is faster; fd alone (exact unavailable, or asked for) is checked for kinks once.
+FD_TOLERANCE of exact and is faster (timm_mltp/auto.py); fd alone (exact unavailable, or asked for) is
+checked for kinks once.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
-import re
-import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,12 +37,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .double_backward import twice_differentiable
+from .auto import FD_SPEEDUP, FD_TOLERANCE, KINK_TOLERANCE, SecondOrderCheck, checked_fd, first_line, probe, report
+from .double_backward import is_double_backward_error, once_differentiable_in, twice_differentiable
 from .errors import MLTPConfigError
 from .passes import (evaluated_at, frozen_running_stats, replayed_rng, restore_state, rng_devices, rng_state,
-                     state_of, undone_on_error)
+                     state_of)
 from .selection import select_parameters
-from .tasks import split_tasks
+from .tasks import rows_of, split_tasks, task_size
 
 _logger = logging.getLogger("timm_mltp")
 
@@ -73,6 +79,8 @@ class MLTPConfig:
     alpha: float | None = None   # rule fixed: the inner step size itself
     alpha_scale: float = 1.0     # rules lr, clip, update: multiplies the step they give
     relative_step: float = 1e-3  # rule relative: ||alpha P_S g_i|| / ||w_S||
+    # exact and fd: H_i v from a random fraction rho of task i (at least one sample); 1 is the plain method
+    curvature_fraction: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.variant, str) or not self.variant.strip():
@@ -102,6 +110,9 @@ class MLTPConfig:
         if not (_is_number(self.relative_step) and self.relative_step > 0):
             raise MLTPConfigError(f"relative_step must be a positive number (||inner step|| / ||w_S||, e.g. 1e-3), "
                                   f"got {self.relative_step!r}")
+        if not (_is_number(self.curvature_fraction) and 0 < self.curvature_fraction <= 1):
+            raise MLTPConfigError(f"curvature_fraction must be a number in (0, 1] (the share of task i that H_i v is "
+                                  f"taken on; 1 takes all of it), got {self.curvature_fraction!r}")
 
 
 @dataclass
@@ -141,6 +152,7 @@ class _Plan:
     scratch: list[torch.Tensor] = field(default_factory=list)  # fo/fd: storage for w' and w + r v
     auto: dict = field(default_factory=dict)  # (device, dtype) -> the second order `auto` settled on
     checks: dict = field(default_factory=dict)  # (device, dtype) -> SecondOrderCheck, what that rests on
+    once_checked: bool = False  # exact has looked for @once_differentiable functions on the model's graph
 
     @property
     def s_index(self) -> list[int]:
@@ -231,6 +243,39 @@ class _Step:
     def grad(self, loss, inputs, create_graph=False) -> list[torch.Tensor]:
         return _grad(loss, inputs, self.scale, create_graph)
 
+    # ---- what timm_mltp/auto.py measures a step by
+    @property
+    def device(self) -> torch.device:
+        return self.plan.params[0].device
+
+    def exact(self, task_i, task_j):
+        return _exact(self, task_i, task_j)
+
+    def finite_difference(self, task_i, task_j):
+        return _finite_difference(self, task_i, task_j)
+
+    def fd_terms(self, task_i, task_j) -> _Terms:
+        return _terms(self, task_i, task_j, "fd")
+
+    def fd_gradient(self, terms: _Terms) -> list[torch.Tensor]:
+        return _from_terms(self, terms)
+
+    def hessian_vector_product(self, terms: _Terms, scheme: str) -> list[torch.Tensor]:
+        """H_i v as `terms` has it (task i or its sample, same random state), by fd's `scheme` at its default step."""
+        return _hessian_vector_product(self, terms.h_task, terms.rng_i, terms.h_g_at_w, terms.v_dir, terms.v_norms,
+                                       scheme, terms.full_precision)
+
+    def left(self):
+        """What a step leaves besides its gradient: buffers, random state, the inner step's sizes, the share."""
+        return state_of(self.model, rng_devices(self.plan.params)), (
+            self.alphas, self.mean_alpha, self.max_alpha, self.inner_step, self.relative_step, self.second_order_share)
+
+    def restore(self, left) -> None:
+        """Back to what `left()` said: a step run since then leaves no trace."""
+        restore_state(self.model, left[0], rng_devices(self.plan.params))
+        (self.alphas, self.mean_alpha, self.max_alpha, self.inner_step, self.relative_step,
+         self.second_order_share) = left[1]
+
     @property
     def needs_rest_of_g_i(self) -> bool:
         """The rule reads ||g_i|| over every trainable parameter, and S is a subset of them."""
@@ -242,9 +287,9 @@ class _Step:
         s_names = [self.plan.names[k] for k in self.plan.s_index]
         w_s = [self.plan.params[k] for k in self.plan.s_index]
         n = len(s_names)
-        rest_norms = torch._foreach_norm([g.detach() for g in g_rest]) if g_rest else ()
-        norms = torch.stack(torch._foreach_norm([g.detach() for g in g_s]) + torch._foreach_norm(
-            [w.detach() for w in w_s]) + rest_norms).double().tolist()
+        # ||P_S g_i||, ||w_S|| and ||g_i|| outside S per tensor: one fused pass, one sync
+        norms = torch.stack(torch._foreach_norm([g.detach() for g in g_s] + [w.detach() for w in w_s] +
+                                                [g.detach() for g in g_rest])).double().tolist()
         g_norms = dict(zip(s_names, (x / self.scale for x in norms[:n])))
         w_norms = dict(zip(s_names, norms[n:2 * n]))
         kwargs = {}
@@ -259,10 +304,7 @@ class _Step:
         if any(isinstance(a, torch.Tensor) for a in self.alphas):
             # per-element alpha: ||D P_S g_i|| and alpha's sum, max and min take one more pass (and sync)
             step_norms = _step_norms(self.alphas, [g.detach() for g in g_s])
-            full = [a.expand_as(w) if isinstance(a, torch.Tensor) else torch.full((), a, dtype=torch.float64, device=w.device)
-                    for a, w in zip(self.alphas, w_s)]
-            summary = torch.stack([torch.stack([a.double().sum() * (w.numel() / a.numel()), a.double().max(),
-                                                a.double().min()]).to(step_norms.device) for a, w in zip(full, w_s)])
+            summary = torch.stack([_summary(a, w).to(step_norms.device) for a, w in zip(self.alphas, w_s)])
             sums, maxes, mins = summary.T.tolist()
             self.inner_step = math.sqrt(sum(x * x for x in step_norms.double().tolist())) / self.scale
             self.mean_alpha = sum(sums) / sum(w.numel() for w in w_s)
@@ -278,6 +320,14 @@ class _Step:
         self.g_s_norm, self.w_s_norm = math.sqrt(sum(x * x for x in norms[:n])), w_norm
         self.relative_step = self.inner_step / w_norm if w_norm > 0 else (math.inf if self.inner_step else 0.0)
         return self.alphas
+
+
+def _summary(a: float | torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """alpha's sum over the elements of w (float64), its max and its min: two passes over a tensor alpha, no copy."""
+    if not isinstance(a, torch.Tensor):
+        return torch.tensor([a * w.numel(), a, a], dtype=torch.float64, device=w.device)
+    low, high = torch.aminmax(a)
+    return torch.stack([a.sum(dtype=torch.float64) * (w.numel() / a.numel()), high.double(), low.double()])
 
 
 def _alphas(alpha: float | Mapping[str, float | torch.Tensor], s_names: list[str],
@@ -409,11 +459,15 @@ def _first_order(step: _Step, task_i, task_j):
 
 
 def _exact(step: _Step, task_i, task_j):
+    if _sample_size(step, task_i) is not None:     # H_i v on a sample of task i
+        t = _terms(step, task_i, task_j, "exact")
+        return _from_terms(step, t), t.loss_i, t.loss_j, t.cosine
     model, plan = step.model, step.plan
     s_params = [plan.params[k] for k in plan.s_index]
     s_names = [plan.names[k] for k in plan.s_index]
     with twice_differentiable():            # math attention, composite hard-swish: ops that have a double backward
         loss_i = step.loss(model, task_i, "task_i")
+        _refuse_once_differentiable(plan, loss_i)
         # P_S g_i with its graph: w' depends on w through it, which gives the second-order terms. The rest of
         # g_i only where the rule reads ||g_i|| (clipping): one more backward through what lies below S
         rest = [p for p, s in zip(plan.params, plan.in_s) if not s] if step.needs_rest_of_g_i else []
@@ -435,10 +489,56 @@ def _exact(step: _Step, task_i, task_j):
     return grads[:n], loss_i, loss_j, _cosine(g_s, grads[n:], a_norm=step.g_s_norm)
 
 
-def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, v_norms: torch.Tensor, scheme: str,
+def _refuse_once_differentiable(plan: _Plan, loss: torch.Tensor) -> None:
+    """Exact's first pass on a model: a function marked @once_differentiable on its graph would make its part of
+    the second-order term silently zero. An error that `auto` reads as "no double backward" (it runs fd) and
+    second_order='exact' turns into MLTPConfigError."""
+    if plan.once_checked:
+        return
+    names = once_differentiable_in(loss)
+    if names:
+        raise RuntimeError(f"cannot differentiate twice through {', '.join(names)}: an autograd Function marked "
+                           f"@once_differentiable, whose part of the second derivative would silently be zero")
+    plan.once_checked = True
+
+
+def _sample_size(step: _Step, task_i) -> int | None:
+    """How many of task i's samples H_i v is taken on: round(rho B), at least one; None where that is all B."""
+    if step.cfg.curvature_fraction >= 1:
+        return None
+    size = task_size(task_i)
+    k = max(1, round(step.cfg.curvature_fraction * size))
+    return k if k < size else None
+
+
+def _curvature_task(step: _Step, task_i):
+    """Task i, or the random rho-fraction of it that H_i v is taken on: the same rows of every tensor, drawn by
+    torch.randperm from torch's default generator (a seeded or resumed run draws the same, and so do auto's
+    exact and fd from the same random state)."""
+    k = _sample_size(step, task_i)
+    return task_i if k is None else rows_of(task_i, torch.randperm(task_size(task_i))[:k])
+
+
+def _sampled_hessian_vector_product(step: _Step, sample, rng_i, v_dir: list[torch.Tensor]) -> list[torch.Tensor]:
+    """H v on a sample of task i by double backward, for v = alpha P_S v_dir (scaled by the loss scale): the
+    gradient over every trainable parameter (outside S: the mixed terms) of <alpha P_S g_sample(w), v_dir>, v_dir
+    a constant. Like fd's passes it replays task i's random state and leaves running statistics alone."""
+    model, plan = step.model, step.plan
+    s_params = [plan.params[k] for k in plan.s_index]
+    with twice_differentiable(), replayed_rng(rng_i, rng_devices(plan.params)), frozen_running_stats(model):
+        loss = step.loss(model, sample, "task_i")
+        _refuse_once_differentiable(plan, loss)
+        g_s = step.grad(loss, s_params, create_graph=True)
+        alpha_v = [a * v if isinstance(a, torch.Tensor) else v * a for a, v in zip(step.alphas, v_dir)]
+        # g_sample and v_dir both carry the loss scale; H v carries it once, as fd's difference does
+        return _grad(_dot(g_s, alpha_v) / step.scale, plan.params, 1.0)
+
+
+def _hessian_vector_product(step: _Step, task, rng_i, g_at_w, v_dir, v_norms: torch.Tensor, scheme: str,
                             full_precision: bool, eps: float | None = None) -> list[torch.Tensor]:
-    """H_i v for v = alpha P_S v_dir (scaled by the loss scale), as a finite difference of grad L_i. `v_norms`:
-    the norm of each tensor of v_dir.
+    """H v for v = alpha P_S v_dir (scaled by the loss scale), as a finite difference of the gradient of the loss
+    on `task` (task i or its sample). `v_norms`: the norm of each tensor of v_dir. `g_at_w`: that gradient at w,
+    which a forward difference reuses; None where it must be taken again (a sample, or full precision).
 
     The extra passes replay task i's random state (same dropout masks) and leave running statistics alone.
     Step r such that ||r v|| = eps * ||w_S|| (eps itself where ||w_S|| = 0); eps by scheme and dtype unless
@@ -457,32 +557,33 @@ def _hessian_vector_product(step: _Step, task_i, rng_i, g_i, v_dir, v_norms: tor
         r = float(eps * reference / v_norm.clamp_min(1e-30))          # one sync; fused adds below
     # v = 0 (or underflowed): H_i v = 0. v not finite (fp16 overflow): g_j' is not either, and the step is skipped
     if not (r > 0 and math.isfinite(r * step.max_alpha / scale)):
-        return [torch.zeros_like(g) for g in g_i]
+        return [torch.zeros_like(p) for p in plan.params]
     device = w_s[0].device.type
     devices = rng_devices(plan.params)
 
     def g_i_at(sign: float) -> list[torch.Tensor]:
-        """grad L_i at w + sign r v."""
+        """grad of the loss on `task` at w + sign r v."""
         shifted = _inner_step(w_s, v_dir, alphas, scale / r, out=plan.leaves_like(w_s), sign=-sign)
         precision = torch.autocast(device, enabled=False) if full_precision else contextlib.nullcontext()
         with replayed_rng(rng_i, devices), frozen_running_stats(model), precision, \
                 evaluated_at(model, dict(zip(s_names, shifted))) as at_shifted:
-            loss = step.loss(at_shifted, task_i, "task_i")
+            loss = step.loss(at_shifted, task, "task_i")
         return step.grad(loss, _replace(plan.params, s_idx, shifted))
 
     g_plus = g_i_at(+1.0)
     if scheme == "central":
         g_minus = g_i_at(-1.0)
     else:
-        g_minus = g_i_at(0.0) if full_precision else g_i
+        g_minus = g_i_at(0.0) if g_at_w is None else g_at_w
     torch._foreach_sub_(g_plus, g_minus)                             # r H_i v (2 r H_i v if central)
     torch._foreach_mul_(g_plus, 1 / (2 * r if scheme == "central" else r))
     return g_plus
 
 
 @dataclass
-class _FdTerms:
-    """fd's terms before they are combined into (1-gamma) g_i + gamma (g_j' - H_i v)."""
+class _Terms:
+    """fd's terms (and exact's on a sample of task i) before they are combined into (1-gamma) g_i + gamma
+    (g_j' - H_i v)."""
 
     g_i: list[torch.Tensor]     # grad L_i(w), every trainable parameter
     g_j: list[torch.Tensor]     # g_j' = grad L_j(w'), every trainable parameter
@@ -493,11 +594,15 @@ class _FdTerms:
     loss_j: torch.Tensor
     cosine: torch.Tensor
     rng_i: tuple                # task i's random state, to replay its dropout masks
-    scheme: str                 # forward | central
+    scheme: str                 # forward | central | exact
     full_precision: bool        # H_i v from float32 passes under bf16/fp16 autocast
+    h_task: Any                 # what H_i v is taken on: task i, or a sample of it (curvature_fraction)
+    h_g_at_w: list[torch.Tensor] | None   # its gradient at w where fd's forward difference may reuse it (g_i)
 
 
-def _fd_terms(step: _Step, task_i, task_j) -> _FdTerms:
+def _terms(step: _Step, task_i, task_j, curvature: str) -> _Terms:
+    """g_i, w' and g_j' from all of task i and task j, then H_i v by `curvature`: fd (finite differences), or
+    exact (double backward, on a sample of task i; the whole of it is `_exact`'s single backward)."""
     model, plan = step.model, step.plan
     rng_i = rng_state(rng_devices(plan.params))                      # to replay task i's dropout masks
     loss_i = step.loss(model, task_i, "task_i")
@@ -516,16 +621,22 @@ def _fd_terms(step: _Step, task_i, task_j) -> _FdTerms:
     g_j_s = [g_j[k] for k in s_idx]
     v_norms = _norms([g.detach() for g in g_j_s])
     cosine = _cosine(g_i_s, g_j_s, a_norm=step.g_s_norm, b_norms=v_norms)
+    h_task = _curvature_task(step, task_i)          # drawn after task j's pass, in exact and fd alike
+    if curvature == "exact":
+        h_i_v = _sampled_hessian_vector_product(step, h_task, rng_i, g_j_s)
+        return _Terms(g_i, g_j, g_j_s, v_norms, h_i_v, loss_i, loss_j, cosine, rng_i, "exact", False, h_task, None)
     device = w_s[0].device.type
     low_precision = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16,
                                                                                             torch.bfloat16)
     scheme = "central" if low_precision else step.cfg.fd_scheme
-    h_i_v = _hessian_vector_product(step, task_i, rng_i, g_i, g_j_s, v_norms, scheme, low_precision,
+    h_g_at_w = g_i if h_task is task_i and not low_precision else None
+    h_i_v = _hessian_vector_product(step, h_task, rng_i, h_g_at_w, g_j_s, v_norms, scheme, low_precision,
                                     step.cfg.fd_eps)
-    return _FdTerms(g_i, g_j, g_j_s, v_norms, h_i_v, loss_i, loss_j, cosine, rng_i, scheme, low_precision)
+    return _Terms(g_i, g_j, g_j_s, v_norms, h_i_v, loss_i, loss_j, cosine, rng_i, scheme, low_precision, h_task,
+                  h_g_at_w)
 
 
-def _fd_gradient(step: _Step, t: _FdTerms) -> list[torch.Tensor]:
+def _from_terms(step: _Step, t: _Terms) -> list[torch.Tensor]:
     torch._foreach_sub_(t.g_j, t.h_i_v)                              # g_j' - H_i v
     torch._foreach_lerp_(t.g_i, t.g_j, step.cfg.gamma)               # (1-gamma) g_i + gamma (g_j' - H_i v)
     s_idx = step.plan.s_index
@@ -535,205 +646,32 @@ def _fd_gradient(step: _Step, t: _FdTerms) -> list[torch.Tensor]:
 
 
 def _finite_difference(step: _Step, task_i, task_j):
-    t = _fd_terms(step, task_i, task_j)
-    return _fd_gradient(step, t), t.loss_i, t.loss_j, t.cosine
+    t = _terms(step, task_i, task_j, "fd")
+    return _from_terms(step, t), t.loss_i, t.loss_j, t.cosine
 
 
 _METHODS = {"none": _none, "first": _first_order, "exact": _exact, "fd": _finite_difference}
 
 
-# ---- trusting the second order (SPEC.md, Two ways to get the second order: kinks, auto)
-
-# `auto` keeps fd only where fd's second-order term gamma H_i v lands within this of exact's (relative L2 over
-# all trainable parameters, first step). Smooth timm models, float32: 6e-4 to 2e-2; ReLU / max-pool / hard-swish
-# networks: 0.3 to 50 at any step size, except on a step that happens to cross no kink (then the detector).
-FD_TOLERANCE = 0.05
-# ... and only where one fd step takes less than this times one exact step: fd is the approximation, and one
-# timing of each (warm) varies by 20% on a busy machine.
-FD_SPEEDUP = 0.8
-# fd's forward and central estimates of H_i v (each at its default step) differ by more than this: the steps
-# cross kinks. Smooth timm models: 6e-4 to 4e-2; kinked ones: 0.5 and more (README, benchmarks/second_order.py).
-KINK_TOLERANCE = 0.2
-
-
-@dataclass(frozen=True)
-class SecondOrderCheck:
-    """What the first step of `auto` (or of second_order='fd') measured for one model, selection, device and
-    dtype. `second_order_check(model, cfg)` returns it."""
-
-    choice: str            # exact | fd: what runs from then on
-    exact: str             # ok | not tried | why double backward fails even with timm_mltp.double_backward
-    fd_error: float        # ||gamma (H_i v by fd - H_i v exact)|| / ||gamma H_i v exact||; nan without exact
-    disagreement: float    # ||H_i v forward - H_i v central|| / ||H_i v central||: fd across kinks
-    exact_seconds: float   # one exact step, warm; nan where not timed (speed decides only where fd is accurate)
-    fd_seconds: float      # one fd step, warm; nan where not timed
-
-    @property
-    def kinked(self) -> bool:
-        return self.disagreement > KINK_TOLERANCE
-
-    @property
-    def fd_accurate(self) -> bool:
-        """fd matched exact on this step, and not by luck: a step that crossed no kink this time crosses
-        some on later steps wherever the detector finds them."""
-        return self.fd_error <= FD_TOLERANCE and not self.kinked
-
-
-def _norm(a: list[torch.Tensor]) -> float:
-    return float(_norms(a).norm())
-
-
-def _distance(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return _norm(torch._foreach_sub(a, b))
-
-
-def _ratio(num: float, den: float) -> float:
-    """num / den; nan where both are 0 (nothing to measure: alpha = 0)."""
-    return num / den if den > 0 else (math.nan if num == 0 else math.inf)
-
-
-def _timed(step: _Step, fn, *args):
-    device = step.plan.params[0].device
-    backend = getattr(torch, device.type, None)
-    sync = backend.synchronize if device.type != "cpu" and hasattr(backend, "synchronize") else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn(step, *args)
-    sync()
-    return out, time.perf_counter() - start
-
-
-def _fd_disagreement(step: _Step, task_i, t: _FdTerms) -> float:
-    """The kink detector: fd's other scheme at its own default step, against the step's estimate of H_i v.
-    Where L_i is smooth they differ by the forward difference's truncation error; across kinks (ReLU,
-    max-pool, hard-swish) each estimate is dominated by gradient jumps that do not shrink with the step."""
-    other = "central" if t.scheme == "forward" else "forward"
-    h_other = _hessian_vector_product(step, task_i, t.rng_i, t.g_i, t.v_dir, t.v_norms, other, t.full_precision)
-    forward, central = (t.h_i_v, h_other) if t.scheme == "forward" else (h_other, t.h_i_v)
-    return _ratio(_distance(forward, central), _norm(central))
-
-
-def _fd_judged(step: _Step, task_i, task_j):
-    """An fd step with what judges it: the kink detector and the first-order part (1-gamma) g_i + gamma g_j'
-    (exact and fd differ from it by their second-order terms)."""
-    t = _fd_terms(step, task_i, task_j)
-    disagreement = _fd_disagreement(step, task_i, t) if step.inner_step > 0 else math.nan
-    first_order = torch._foreach_lerp(t.g_i, t.g_j, step.cfg.gamma)
-    return (_fd_gradient(step, t), t.loss_i, t.loss_j, t.cosine), first_order, disagreement
-
-
-def _exact_or_why(step: _Step, task_i, task_j, devices: list[int]):
-    """(exact's result, "ok"), or (None, why) where double backward fails even with the replacements."""
-    try:
-        with undone_on_error(step.model, devices):
-            return _exact(step, task_i, task_j), "ok"
-    except (RuntimeError, NotImplementedError) as e:
-        if not is_double_backward_error(e):
-            raise
-        return None, _first_line(e)
-
-
-def _left_by(step: _Step, devices: list[int]):
-    """What a step leaves besides its gradient: buffers, random state, the inner step's sizes."""
-    return state_of(step.model, devices), (step.alphas, step.mean_alpha, step.max_alpha, step.inner_step,
-                                           step.relative_step)
-
-
-def _as_left_by(step: _Step, left, devices: list[int]) -> None:
-    restore_state(step.model, left[0], devices)
-    step.alphas, step.mean_alpha, step.max_alpha, step.inner_step, step.relative_step = left[1]
-
-
-def _warm_seconds(step: _Step, task_i, task_j, before, devices: list[int]) -> list[float]:
-    """One more step of exact and of fd, timed: the first run of each pays for caches, allocations and kernel
-    selection (8x on a small model), which training does not."""
-    seconds = []
-    for method in (_exact, _finite_difference):
-        _as_left_by(step, before, devices)
-        seconds.append(_timed(step, method, task_i, task_j)[1])
-    return seconds
-
-
-def _probe(step: _Step, task_i, task_j):
-    """`auto`'s measurement: exact and fd from the same state (buffers and random state restored between
-    them), fd's kink detector, and where fd is accurate, one warm step of each, timed. Returns the step's result
-    by the chosen method, leaving what a plain run of it leaves, and the check; None where this step cannot
-    tell (alpha = 0, non-finite gradients)."""
-    devices = rng_devices(step.plan.params)
-    before = _left_by(step, devices)
-    exact, exact_status = _exact_or_why(step, task_i, task_j, devices)
-    if exact is not None and not step.inner_step > 0:               # no second-order term to measure
-        return (*exact, "exact"), None
-    left = {"exact": _left_by(step, devices)}
-    _as_left_by(step, before, devices)
-    fd, first_order, disagreement = _fd_judged(step, task_i, task_j)
-    left["fd"] = _left_by(step, devices)
-    check = SecondOrderCheck("fd", exact_status, math.nan, disagreement, math.nan, math.nan)
-    if exact is not None:   # exact = first_order - gamma H v, fd = first_order - gamma H v by fd
-        fd_error = _ratio(_distance(fd[0], exact[0]), _distance(first_order, exact[0]))
-        check = dataclasses.replace(check, fd_error=fd_error)
-        if check.fd_accurate:                                      # then speed decides
-            exact_seconds, fd_seconds = _warm_seconds(step, task_i, task_j, before, devices)
-            check = dataclasses.replace(check, exact_seconds=exact_seconds, fd_seconds=fd_seconds)
-        if not (check.fd_accurate and check.fd_seconds < FD_SPEEDUP * check.exact_seconds):
-            check = dataclasses.replace(check, choice="exact")
-    _as_left_by(step, left[check.choice], devices)
-    measured = _measurable(step, fd[0], disagreement) and (exact is None or _measurable(step, exact[0], check.fd_error))
-    result = exact if check.choice == "exact" else fd
-    return (*result, check.choice), check if measured else None
-
-
-def _measurable(step: _Step, grads: list[torch.Tensor], ratio: float) -> bool:
-    """Whether a ratio measured on this step means something: alpha > 0 (a second-order term to measure), finite
-    gradients (fp16 overflows on early steps), a defined ratio."""
-    return step.inner_step > 0 and not math.isnan(ratio) and math.isfinite(_norm(grads))
-
+# ---- auto and the kink check (timm_mltp/auto.py measures; the plan keeps what it settled on)
 
 def _auto(step: _Step, task_i, task_j):
     """`auto`: measure on the first step that can tell, then settle for this model, selection, device and dtype."""
-    result, check = _probe(step, task_i, task_j)
+    result, check = probe(step, task_i, task_j)
     if check is not None:
         key = _auto_key(step.plan)
         step.plan.auto[key], step.plan.checks[key] = check.choice, check
-        _report(step.model, step.cfg, check)
+        report(step.model, step.cfg.variant, step.cfg.second_order, check)
     return result
 
 
 def _checked_fd(step: _Step, task_i, task_j):
     """second_order='fd', first step that can tell: the kink detector runs once, and warns."""
-    result, _, disagreement = _fd_judged(step, task_i, task_j)
-    if _measurable(step, result[0], disagreement):
-        check = SecondOrderCheck("fd", "not tried", math.nan, disagreement, math.nan, math.nan)
+    result, check = checked_fd(step, task_i, task_j)
+    if check is not None:
         step.plan.checks[_auto_key(step.plan)] = check
-        _report(step.model, step.cfg, check)
-    return (*result, "fd")
-
-
-_ADVICE = ("For a gradient you can trust use variant 'fo' (first order: no second-order term), or a network "
-           "with smooth activations (SiLU, GELU) and average pooling")
-
-
-def _report(model: nn.Module, cfg: MLTPConfig, check: SecondOrderCheck) -> None:
-    """One log line per measurement: info where the second order is trustworthy, a warning where it is not."""
-    who = f"MLTP second order for {type(model).__name__} (variant {cfg.variant!r})"
-    kinks = (f"fd's forward and central estimates of H_i v differ by {check.disagreement:.2g} (smooth networks: "
-             f"below {KINK_TOLERANCE:g}): its steps cross the kinks of ReLU, max-pool or hard-swish")
-    if check.exact != "ok" and check.kinked:
-        if cfg.second_order == "fd":
-            _logger.warning("%s: second_order='fd' is unreliable here: %s. second_order='auto' runs exact double "
-                            "backward (the derivative almost everywhere) where the model allows it. %s.", who,
-                            kinks, _ADVICE)
-        else:
-            _logger.warning("%s is unreliable: double backward fails (%s), and %s. Training continues with fd. %s.",
-                            who, check.exact, kinks, _ADVICE)
-    elif check.exact != "ok":
-        _logger.info("%s: fd (double backward: %s); its forward and central estimates of H_i v agree to %.2g: "
-                     "smooth", who, check.exact, check.disagreement)
-    else:
-        timing = f"; one step: fd {check.fd_seconds:.3g} s, exact {check.exact_seconds:.3g} s"
-        _logger.info("%s: %s; fd's second-order term is %.2g from exact's and its schemes disagree by %.2g (fd is "
-                     "kept within %g and %g, where faster)%s", who, check.choice, check.fd_error, check.disagreement,
-                     FD_TOLERANCE, KINK_TOLERANCE, timing if check.fd_accurate else "")
+        report(step.model, step.cfg.variant, step.cfg.second_order, check)
+    return result
 
 
 def _method_for(model: nn.Module, plan: _Plan, cfg: MLTPConfig) -> str:
@@ -763,7 +701,7 @@ def _gradient(step: _Step, method: str, task_i, task_j):
         if method == "exact" and is_double_backward_error(e):
             raise MLTPConfigError(f"second_order='exact' needs double backward, which {type(step.model).__name__} "
                                   f"does not support even with math attention and composite hard-swish "
-                                  f"({_first_line(e)}). Use second_order='auto' (fd, checked for kinks) or "
+                                  f"({first_line(e)}). Use second_order='auto' (fd, checked for kinks) or "
                                   f"'fd'.") from e
         raise
 
@@ -799,25 +737,6 @@ def mltp_backward(model: nn.Module, task_i, task_j, loss_fn: Callable[[Any, Any]
                           cosine.double().to(loss.device), share.double().to(loss.device)]).tolist()   # one sync
     return MLTPStats(*values[:4], alpha=step.mean_alpha, inner_step=step.inner_step, relative_step=step.relative_step,
                      second_order=method, second_order_share=values[4])
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-
-
-# what autograd says when an operation has no double backward, and nothing else
-_NO_DOUBLE_BACKWARD = re.compile(
-    r"derivative for .+ is not implemented"
-    r"|double backward"
-    r"|differentiate twice"                      # autograd.Function marked @once_differentiable
-    r"|requires create_graph=False"              # torch.compile'd backward (donated buffers)
-    r"|does not support (higher order|second order|double) (gradients|derivatives|backward)",
-    re.IGNORECASE)
-
-
-def is_double_backward_error(e: BaseException) -> bool:
-    """Whether an error from a double-backward pass means "this operation has no double backward"."""
-    return isinstance(e, (RuntimeError, NotImplementedError)) and bool(_NO_DOUBLE_BACKWARD.search(str(e)))
 
 
 def second_order_in_use(model: nn.Module, cfg: MLTPConfig) -> str:

@@ -73,15 +73,3 @@ def restore_state(model: nn.Module, state, devices: list[int]) -> None:
             if n in buffers:
                 b.copy_(buffers[n])
     set_rng_state(rng, devices)
-
-
-@contextlib.contextmanager
-def undone_on_error(model: nn.Module, devices: list[int]):
-    """Restore buffers (running statistics) and the random state when the block raises: a failed attempt
-    at one way of getting the gradient leaves no trace for the next."""
-    before = state_of(model, devices)
-    try:
-        yield
-    except BaseException:
-        restore_state(model, before, devices)
-        raise

@@ -28,6 +28,21 @@ def split_tasks(batch):
     return _take(batch, slice(0, half)), _take(batch, slice(half, size))
 
 
+def task_size(task) -> int:
+    """The number of samples in one task (its tensors' batch dimension)."""
+    sizes = set()
+    _collect_sizes(task, sizes)
+    if len(sizes) != 1:
+        raise MLTPConfigError(f"a task's tensors must share one batch dimension, got "
+                              f"{'none' if not sizes else f'sizes {sorted(sizes)}'}")
+    return sizes.pop()
+
+
+def rows_of(task, rows: torch.Tensor):
+    """The same rows (a tensor of indices) of every tensor in a task, in the task's own structure."""
+    return _take(task, rows)
+
+
 def _collect_sizes(x, sizes: set) -> None:
     if isinstance(x, torch.Tensor) and x.dim() > 0:
         sizes.add(x.shape[0])
@@ -39,9 +54,9 @@ def _collect_sizes(x, sizes: set) -> None:
             _collect_sizes(v, sizes)
 
 
-def _take(x, sl: slice):
+def _take(x, sl: slice | torch.Tensor):
     if isinstance(x, torch.Tensor) and x.dim() > 0:
-        return x[sl]
+        return x[sl.to(x.device) if isinstance(sl, torch.Tensor) else sl]
     if isinstance(x, Mapping):
         return _same_mapping_type(x, {k: _take(v, sl) for k, v in x.items()})
     if isinstance(x, tuple) and hasattr(x, "_fields"):

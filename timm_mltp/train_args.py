@@ -126,6 +126,7 @@ class TrainArgs:
     alpha_scale: float = 1.0
     relative_step: float = 1e-3           # rule relative: ||inner step|| / ||w_S||
     second_order: str = "auto"
+    curvature_fraction: float = 1.0       # exact and fd: H_i v from this random fraction of task i (1: all of it)
     bn_update: str = "both"
     # ---- run
     seed: int = 42

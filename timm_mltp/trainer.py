@@ -61,6 +61,9 @@ class MLTPTrainingArguments(TrainingArguments):
         "Rules lr, clip, update: multiplies the inner step they give.")})
     mltp_relative_step: float = field(default=1e-3, metadata={"help": (
         "Rule relative: the inner step's length relative to the weights of S, ||alpha P_S g_i|| / ||w_S||.")})
+    mltp_curvature_fraction: float = field(default=1.0, metadata={"help": (
+        "Exact and fd: the Hessian-vector product H_i v from this random fraction of task i, in (0, 1]; 1 takes "
+        "all of it.")})
     mltp_second_order: str = field(default="auto", metadata={"help": (
         "auto | exact (double backward) | fd (finite differences, for kernels without double backward).")})
     mltp_bn_update: str = field(default="both", metadata={"help": (
@@ -79,7 +82,8 @@ class MLTPTrainingArguments(TrainingArguments):
         rule = self.mltp_alpha_rule or ("fixed" if self.mltp_alpha is not None else MLTPConfig.alpha_rule)
         return MLTPConfig(variant=self.mltp_variant, gamma=self.mltp_gamma, second_order=self.mltp_second_order,
                           bn_update=self.mltp_bn_update, alpha_rule=rule, alpha=self.mltp_alpha,
-                          alpha_scale=self.mltp_alpha_scale, relative_step=self.mltp_relative_step)
+                          alpha_scale=self.mltp_alpha_scale, relative_step=self.mltp_relative_step,
+                          curvature_fraction=self.mltp_curvature_fraction)
 
 
 def _returns_loss(model: torch.nn.Module) -> bool:
