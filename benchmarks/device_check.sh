@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU numbers for the README (issue 9, item 4), in one run of under 8 minutes on one GPU:
-#   1. step cost and peak memory per variant: resnet50, 224 px, B=64, bf16 and fp16 (benchmarks/step_cost.py)
+# GPU numbers for the README (issue 9, item 4; issue 17), in one run of under 9 minutes on one GPU:
+#   1. step cost and peak memory (torch.cuda.max_memory_allocated) per variant, and of exact and fd with
+#      H_i v on a sample (curvature_fraction 1/2, 1/4, 1/8): resnet50, 224 px, B=64, bf16 and fp16
+#      (benchmarks/step_cost.py)
 #   2. the default recipe for one epoch, in bf16 and in fp16 (recipes/train.py)
 #   3. MLTPTrainer for a few steps in bf16 (examples/trainer_finetune.py)
 # Tables and logs go to benchmarks/results/device/ (and to $OUT/ where the device tool sets it).
@@ -36,8 +38,8 @@ part() {   # part NAME SECONDS COMMAND...: run with a time limit, keep its outpu
 cat "$RESULTS/machine.txt"
 
 for amp in bf16 fp16; do
-    part "step_cost_resnet50_$amp" 100 python3 benchmarks/step_cost.py --models resnet50 --img-size 224 \
-        --batch-size 64 --repeats 8 --warmup 3 --amp "$amp" --device cuda
+    part "step_cost_resnet50_$amp" 130 python3 benchmarks/step_cost.py --models resnet50 --img-size 224 \
+        --batch-size 64 --repeats 6 --warmup 2 --amp "$amp" --device cuda
 done
 if python3 -c "import datasets" 2>/dev/null; then
     for amp in bf16 fp16; do

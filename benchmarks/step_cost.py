@@ -2,17 +2,22 @@
 
 Standard training: one forward/backward on a batch of B. MLTP: `mltp_backward` on two batches of B
 (task i and task j). Ratio = (t_mltp / 2B) / (t_standard / B). All rows of a model are timed
-interleaved in one process, so machine noise hits them alike; medians over repeats. Peak memory is
-measured where it can be (CUDA).
+interleaved in one process, so machine noise hits them alike; medians over repeats. Rows "rho 1/k" take
+H_i v on a random k-th of task i (curvature_fraction). Peak memory per row: on CUDA the most allocated
+during the step (torch.cuda.max_memory_allocated); on the CPU the process's peak resident set, which only
+grows, so the column says how far each row raised it in the first repeat.
 
     python benchmarks/step_cost.py                      # resnet18 and test_resnet, 32x32, B=32
     python benchmarks/step_cost.py --models resnet50,vit_tiny_patch16_224,mobilenetv3_small_050
     python benchmarks/step_cost.py --models resnet50 --img-size 224 --batch-size 64 --device cuda
+    python benchmarks/step_cost.py --models resnet50 --rows "rho"        # the curvature_fraction rows only
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
+import sys
 import time
 
 import timm
@@ -30,6 +35,8 @@ ROWS = [  # (label, config); None is standard training
     ("full, fd", MLTPConfig("full", second_order="fd")),
     ("full, fd central", MLTPConfig("full", second_order="fd", fd_scheme="central")),
     ("full, exact", MLTPConfig("full", second_order="exact")),
+    *((f"full, {method}, rho 1/{k}", MLTPConfig("full", second_order=method, curvature_fraction=1 / k))
+      for method in ("exact", "fd") for k in (2, 4, 8)),
 ]
 
 
@@ -45,8 +52,15 @@ def sync(device):
 FP16_LOSS_SCALE = 2.0 ** 16   # GradScaler's initial scale: fp16 runs scale the loss as training would
 
 
+def peak_rss() -> int:
+    """The process's peak resident set so far, in bytes (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def step(model, cfg, task_i, task_j, device, amp: str = "no"):
-    """One timed step (autocast in bf16/fp16 where asked); returns (seconds, peak bytes or None)."""
+    """One timed step (autocast in bf16/fp16 where asked); returns (seconds, peak bytes: CUDA's most allocated
+    during the step, or the process's peak RSS after it on the CPU)."""
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -64,7 +78,16 @@ def step(model, cfg, task_i, task_j, device, amp: str = "no"):
         loss.backward()      # outside autocast, as in training
     sync(device)
     seconds = time.perf_counter() - start
-    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return seconds, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+
+
+def selected_rows(pattern: str | None):
+    """ROWS whose label contains one of the comma-separated parts of `pattern` (all where None); standard
+    training always, as the base."""
+    if not pattern:
+        return ROWS
+    parts = [p.strip() for p in pattern.split(",")]
+    return [(label, cfg) for label, cfg in ROWS if cfg is None or any(p in label for p in parts)]
 
 
 def measure(name, args, device):
@@ -77,11 +100,13 @@ def measure(name, args, device):
     b, s = args.batch_size, args.img_size
     task_i = (torch.randn(b, 3, s, s, device=device), torch.randint(0, 10, (b,), device=device))
     task_j = (torch.randn(b, 3, s, s, device=device), torch.randint(0, 10, (b,), device=device))
-    times = {label: [] for label, _ in ROWS}
-    peaks = {label: 0 for label, _ in ROWS}
+    rows = selected_rows(args.rows)
+    times = {label: [] for label, _ in rows}
+    peaks = {label: 0 for label, _ in rows}
+    start_rss = peak_rss()
     unavailable = {}   # label -> why the row cannot run on this model (e.g. no double backward)
     for rep in range(args.warmup + args.repeats):
-        for label, cfg in ROWS:
+        for label, cfg in rows:
             if label in unavailable:
                 continue
             try:
@@ -89,24 +114,26 @@ def measure(name, args, device):
             except MLTPConfigError as e:
                 unavailable[label] = str(e).split(" (")[0]
                 continue
+            if device.type == "cpu" and rep == 0:       # the first pass in row order raises the peak RSS
+                peaks[label], start_rss = peak - start_rss, peak
+            elif device.type == "cuda" and rep >= args.warmup:
+                peaks[label] = max(peaks[label], peak)
             if rep >= args.warmup:
                 times[label].append(seconds)
-                peaks[label] = max(peaks[label], peak or 0)
     base = statistics.median(times["standard"]) / b
     print(f"\n{name}, {s}x{s}, B={b}, {device.type}, {args.amp if args.amp != 'no' else 'float32'}, "
           f"{torch.get_num_threads()} threads, "
           f"median of {args.repeats}; standard: {1e3 * base * b:.1f} ms per step of B")
-    print("| variant | per-sample cost vs standard | ms per MLTP step (2B) |" + (" peak MiB |" if device.type == "cuda" else ""))
-    print("| --- | --- | --- |" + (" --- |" if device.type == "cuda" else ""))
-    for label, cfg in ROWS:
+    memory = "peak MiB allocated" if device.type == "cuda" else "peak RSS raised by, MiB (first repeat)"
+    print(f"| variant | per-sample cost vs standard | ms per MLTP step (2B) | {memory} |")
+    print("| --- | --- | --- | --- |")
+    for label, cfg in rows:
         if label in unavailable:
-            print(f"| {label} | unavailable: {unavailable[label]} | |" + (" |" if device.type == "cuda" else ""))
+            print(f"| {label} | unavailable: {unavailable[label]} | | |")
             continue
         per_sample = statistics.median(times[label]) / (b if cfg is None else 2 * b)
-        row = f"| {label} | {per_sample / base:.2f}x | {1e3 * statistics.median(times[label]):.1f} |"
-        if device.type == "cuda":
-            row += f" {peaks[label] / 2**20:.0f} |"
-        print(row)
+        print(f"| {label} | {per_sample / base:.2f}x | {1e3 * statistics.median(times[label]):.1f} | "
+              f"{peaks[label] / 2**20:.0f} |")
 
 
 def main():
@@ -118,6 +145,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype of every row")
+    parser.add_argument("--rows", default=None, help="only rows whose label contains one of these comma-separated "
+                                                     "parts, e.g. 'exact,fo' (standard training always runs); on the "
+                                                     "CPU one row per process gives each its own peak RSS")
     args = parser.parse_args()
     for name in args.models.split(","):
         measure(name.strip(), args, torch.device(args.device))

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 import timm_mltp.engine
-import timm_mltp.mltp
+import timm_mltp.auto
 import timm_mltp.trainer
 from timm_mltp import MLTPConfig, MLTPConfigError, MLTPStep, mltp_backward, second_order_in_use, split_tasks
 from timm_mltp.engine import TrainArgs, Trainer, check_distributed_type
@@ -182,7 +182,7 @@ class BodyWithoutDoubleBackward(nn.Module):
 
 
 def test_auto_decides_per_selection(monkeypatch):
-    monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", 0.0)   # fd only when exact fails: no timing involved
+    monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", 0.0)   # fd only when exact fails: no timing involved
     model = BodyWithoutDoubleBackward().train()
     batches = tasks(torch.float32)
     _, head = grads(model, MLTPConfig("head.*"), batches=batches)  # S = the head: no double backward of the body
@@ -232,7 +232,7 @@ def test_processes_go_on_with_process_zeros_second_order(tmp_path):
 
 def test_a_step_with_alpha_zero_settles_nothing(monkeypatch):
     """Warmup from lr 0: `auto` has no second-order term to measure, and must measure on the next step."""
-    monkeypatch.setattr(timm_mltp.mltp, "FD_SPEEDUP", 1e9)   # fd wherever it is accurate: the smooth net below
+    monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", 1e9)   # fd wherever it is accurate: the smooth net below
     model = small_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     step = MLTPStep(Accelerator(cpu=True), model, optimizer, MLTPConfig("full", alpha_rule="lr"), ce)

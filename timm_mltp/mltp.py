@@ -503,11 +503,13 @@ def _refuse_once_differentiable(plan: _Plan, loss: torch.Tensor) -> None:
 
 
 def _sample_size(step: _Step, task_i) -> int | None:
-    """How many of task i's samples H_i v is taken on: round(rho B), at least one; None where that is all B."""
+    """How many of task i's samples H_i v is taken on: round(rho B), at least one (two where BatchNorm normalises
+    with batch statistics: one sample has none at 1x1); None where that is all B."""
     if step.cfg.curvature_fraction >= 1:
         return None
     size = task_size(task_i)
-    k = max(1, round(step.cfg.curvature_fraction * size))
+    least = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in step.model.modules()) else 1
+    k = max(least, round(step.cfg.curvature_fraction * size))
     return k if k < size else None
 
 
