@@ -4,7 +4,7 @@ Fine-tuning needs a backbone that learned something the new task can use, and th
 one. So each model is trained here with standard training on Fashion-MNIST's classes 0-4 (all 30,000 training
 images), and fine-tuned in the study on classes 5-9 with its classifier re-initialised:
 
-    python benchmarks/pretrain_backbone.py --models test_convnext,test_vit    # ~5 min a model on one CPU thread
+    python benchmarks/pretrain_backbone.py --models test_convnext,test_vit    # ~3-8 min a model on one CPU thread
 
 Deterministic (seed 0, one thread, no workers). The two class splits go to data/ (ignored by git) and the
 backbones, without their classifier, to ~/.cache/timm-mltp/backbones/ ($TIMM_MLTP_CACHE overrides it): outside
@@ -24,11 +24,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import torch  # noqa: E402
 
+from study.data import ensure_full_dataset  # noqa: E402  (benchmarks/study/, beside this file)
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TIMM_MLTP_CACHE", Path.home() / ".cache" / "timm-mltp")) / "backbones"
 SPLITS = {"0to4": range(0, 5), "5to9": range(5, 10)}
-EPOCHS, LR, WEIGHT_DECAY, BATCH_SIZE, IMG_SIZE = 4, 2e-3, 0.05, 64, 32
-MODEL_KWARGS = {"test_vit": {"patch_size": 4}}   # 32 px: 4-pixel patches (as benchmarks/generalization.py)
+EPOCHS, LR, WEIGHT_DECAY, BATCH_SIZE, IMG_SIZE = 2, 2e-3, 0.05, 64, 32
+MODEL_KWARGS = {"test_vit": {"patch_size": 4}}   # 32 px: 4-pixel patches, as in the study
 
 
 def class_split(full: Path, name: str) -> Path:
@@ -91,8 +93,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="test_convnext,test_vit")
     args = p.parse_args(argv)
-    from generalization import ensure_full_dataset   # benchmarks/, beside this file
-
     full = ensure_full_dataset()
     class_split(full, "5to9")
     for model in args.models.split(","):

@@ -1,29 +1,33 @@
-"""benchmarks/generalization.py: the quick underfit matrix runs through both paths (engine and MLTPTrainer) and
-a rerun skips it, an old-format CSV is read and upgraded, the report turns a CSV into the doc (verdicts per
-setting) and the plot, a setting the engine cannot run yet is skipped, and the SAM step is SAM's."""
+"""benchmarks/generalization.py and its package benchmarks/study/: the quick underfit matrix runs through both
+paths (engine and MLTPTrainer) and a rerun skips it, an old-format CSV is read and upgraded, the report turns a CSV
+into the doc (verdicts per setting) and the plot, a setting the engine cannot run yet is skipped, and the SAM step
+is SAM's."""
 import copy
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from timm_mltp.passes import frozen_running_stats
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "generalization.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+sys.path.insert(0, str(ROOT / "benchmarks"))   # the study package and the scripts, as `python benchmarks/...` sees them
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("generalization", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+import generalization  # noqa: E402
+from study import paths  # noqa: E402
+from study.matrix import plan  # noqa: E402
+from study.report import SIGN_FLIP_DRAWS, sign_flip_p  # noqa: E402
+from study.results import COLUMNS, append_row, key, read_rows  # noqa: E402
+from study.sam import SAMTrainer  # noqa: E402
+from study.settings import (ALPHA_SCALES, BASELINES, BATCH_SIZE, DEFAULT_RULE, GAMMAS, METHODS, MODELS,  # noqa: E402
+                            OVERFIT_EPOCHS, PATHS, QUICK, SAM_RHO, SEEDS, SETTINGS, Run)
 
 
 def bench(*args):
@@ -39,22 +43,21 @@ def read_csv(path):
 
 
 def test_quick_underfit_runs_both_paths_and_a_rerun_skips_them(tmp_path):
-    g = load_benchmark()
     results = tmp_path / "quick.csv"
     bench("--quick", "--csv", str(results))
     rows = read_csv(results)
-    assert list(rows[0]) == g.COLUMNS
+    assert list(rows[0]) == COLUMNS
     assert sorted((r["path"], r["method"]) for r in rows) == sorted(
-        (path, method) for path in g.PATHS for method in g.QUICK["methods"])
+        (path, method) for path in PATHS for method in QUICK["methods"])
     by = {(r["path"], r["method"]): r for r in rows}
     for row in rows:
         assert row["setting"] == "underfit"
-        assert row["alpha_rule"] == ("-" if row["method"] in g.BASELINES else g.DEFAULT_RULE)
+        assert row["alpha_rule"] == ("-" if row["method"] in BASELINES else DEFAULT_RULE)
         steps = int(row["optimizer_steps"])
-        assert steps == g.QUICK["train_samples"] // (2 * g.BATCH_SIZE)
-        assert int(row["samples_seen"]) == steps * 2 * g.BATCH_SIZE   # the same 2B per step for every method
+        assert steps == QUICK["train_samples"] // (2 * BATCH_SIZE)
+        assert int(row["samples_seen"]) == steps * 2 * BATCH_SIZE   # the same 2B per step for every method
         assert 0 <= float(row["final_top1"]) <= float(row["best_top1"]) <= 100
-    for path in g.PATHS:
+    for path in PATHS:
         assert by[path, "sam"]["mean_grad_cosine"] == by[path, "sam"]["mean_relative_step"] == ""
         assert float(by[path, "none"]["mean_relative_step"]) == 0.0 and by[path, "none"]["mean_update_ratio"] == ""
         assert 0 < float(by[path, "fo"]["mean_relative_step"]) < 1     # MLTP's inner step, logged by either path
@@ -79,73 +82,70 @@ def old_row(method, seed=0, top1=87.0):
 
 
 def test_an_old_format_csv_is_read_as_the_short_setting_and_upgraded_on_append(tmp_path):
-    g = load_benchmark()
     results = tmp_path / "old.csv"
     with open(results, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=OLD_COLUMNS)
         writer.writeheader()
         writer.writerows([old_row("none"), old_row("fo"), old_row("sam")])
-    rows = g.read_rows(results)
+    rows = read_rows(results)
     assert [(r["setting"], r["path"], r["alpha_rule"]) for r in rows] == [
         ("short", "engine", "-"), ("short", "engine", "lr"), ("short", "engine", "-")]
     assert rows[1]["mean_relative_step"] == "" and rows[1]["final_top1"] == "87.0"
     # the old runs are the `short` matrix at rule lr: rerunning it skips them
-    planned = g.plan("short", "main", ("none", "fo", "sam"), ("test_resnet",), (0,), "lr")
-    assert {g.key({"device": "cpu old", **g.asdict(r)}) for r in planned} == {g.key(r) for r in rows}
+    planned = plan("short", "main", ("none", "fo", "sam"), ("test_resnet",), (0,), "lr")
+    assert {key({"device": "cpu old", **asdict(r)}) for r in planned} == {key(r) for r in rows}
 
     new = {**rows[0], "setting": "overfit", "train_samples": 2000, "mean_relative_step": 0.001}
-    g.append_row(results, new)
+    append_row(results, new)
     upgraded = read_csv(results)
-    assert list(upgraded[0]) == g.COLUMNS
+    assert list(upgraded[0]) == COLUMNS
     assert upgraded[:3] == rows                       # the old rows kept, in today's columns
     assert upgraded[3]["setting"] == "overfit" and upgraded[3]["mean_relative_step"] == "0.001"
 
 
 def test_plan_covers_a_settings_paths_sizes_and_fc_only_beyond_the_head():
-    g = load_benchmark()
-    underfit = g.plan("underfit", "main", g.METHODS, g.MODELS, g.SEEDS, g.DEFAULT_RULE)
-    assert {r.path for r in underfit} == set(g.PATHS) and g.SETTINGS["underfit"].clip_grad == 1.0
+    underfit = plan("underfit", "main", METHODS, MODELS, SEEDS, DEFAULT_RULE)
+    assert {r.path for r in underfit} == set(PATHS) and SETTINGS["underfit"].clip_grad == 1.0
     fc_models = {r.model for r in underfit if r.method == "fc"}
     assert fc_models == {"test_convnext"}             # test_resnet's only linear module is its classifier
-    per_path = (len(g.METHODS) * len(g.MODELS) - 1) * len(g.SEEDS)
+    per_path = (len(METHODS) * len(MODELS) - 1) * len(SEEDS)
     assert len(underfit) == 2 * per_path
-    assert {r.alpha_rule for r in underfit if r.method in g.BASELINES} == {"-"}
-    overfit = g.plan("overfit", "main", ("none", "sam"), g.MODELS, (0,), "clip")
+    assert {r.alpha_rule for r in underfit if r.method in BASELINES} == {"-"}
+    overfit = plan("overfit", "main", ("none", "sam"), MODELS, (0,), "clip")
     assert sorted({r.train_samples for r in overfit}) == [2000]
-    assert {(r.path, r.epochs) for r in overfit} == {("engine", g.OVERFIT_EPOCHS)}
+    assert {(r.path, r.epochs) for r in overfit} == {("engine", OVERFIT_EPOCHS)}
 
 
 def test_a_setting_the_engine_cannot_run_yet_is_skipped(tmp_path, monkeypatch, capsys):
-    g = load_benchmark()
 
     @dataclass
     class OlderTrainArgs:   # a TrainArgs before timm's regularisers
         model: str = "resnet18"
         smoothing: float = 0.0
 
-    monkeypatch.setattr(g, "TrainArgs", OlderTrainArgs)
-    assert {"aa", "reprob", "mixup", "cutmix", "model_ema"} <= set(g.missing_options("timm-recipe"))
+    monkeypatch.setattr(paths, "TrainArgs", OlderTrainArgs)
+    assert {"aa", "reprob", "mixup", "cutmix", "model_ema"} <= set(paths.missing_options("timm-recipe"))
     results = tmp_path / "r.csv"
-    g.main(["--setting", "timm-recipe", "--csv", str(results)])
+    generalization.main(["--setting", "timm-recipe", "--csv", str(results)])
     assert "setting 'timm-recipe' is unavailable" in capsys.readouterr().out
     assert not results.exists()
 
 
-def synthetic_rows(g):
+def synthetic_rows():
     """underfit: fo gains 1 point on every seed, conv ties; overfit: fo loses 2 points; timm-recipe: two
     seeds only; overfit-v1: fo gains 5 (an earlier setting, not pooled); short: the old rows of issue 5, with a
     sensitivity grid."""
     rows = []
 
     def add(setting, method, seed, top1, model="net_a", path="engine", seconds=10.0, step=1e-3, **kw):
-        rule = "-" if method in g.BASELINES else kw.pop("rule", g.DEFAULT_RULE)
+        rule = "-" if method in BASELINES else kw.pop("rule", DEFAULT_RULE)
         rows.append({"device": "cpu test", "setting": setting, "path": path, "method": method, "model": model,
                      "seed": seed, "epochs": 2, "train_samples": kw.pop("n", 1000), "alpha_rule": rule,
                      "samples_seen": 1920, "optimizer_steps": 15, "wall_seconds": seconds, "final_top1": top1,
                      "best_top1": top1 + 0.5, "test_loss": 0.5, "final_train_loss": 0.4,
                      "mean_grad_cosine": "" if method == "sam" else 0.3,
                      "mean_relative_step": "" if method == "sam" else (0.0 if method == "none" else step),
-                     "mean_update_ratio": "" if method in g.BASELINES else 0.6, "gamma": kw.pop("gamma", 0.5),
+                     "mean_update_ratio": "" if method in BASELINES else 0.6, "gamma": kw.pop("gamma", 0.5),
                      "alpha_scale": kw.pop("alpha_scale", 1.0), "batch_size": 64, "lr": 0.05})
 
     wobble, noise = (0.0, 0.2, -0.2), (0.0, 0.4, -0.3)   # seed-to-seed changes of a gain
@@ -167,8 +167,8 @@ def synthetic_rows(g):
         add("overfit-v1", "fo", seed, 75.0 + seed)
         add("short", "none", seed, 87.0 + seed)
         add("short", "full", seed, 87.2 + seed, rule="lr")
-    for gamma in g.GAMMAS:
-        for scale in g.ALPHA_SCALES:
+    for gamma in GAMMAS:
+        for scale in ALPHA_SCALES:
             if (gamma, scale) != (0.5, 1.0):
                 add("short", "full", 0, 86 + gamma + scale, rule="lr", gamma=gamma, alpha_scale=scale)
     return rows
@@ -176,10 +176,9 @@ def synthetic_rows(g):
 
 def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    g = load_benchmark()
     results, doc = tmp_path / "results.csv", tmp_path / "docs" / "generalization.md"
-    for row in synthetic_rows(g):
-        g.append_row(results, row)
+    for row in synthetic_rows():
+        append_row(results, row)
     bench("--report", "--csv", str(results), "--doc", str(doc))
     text = doc.read_text()
     for setting in ("underfit", "overfit", "timm-recipe", "short"):
@@ -214,7 +213,7 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert summary.count("\n- `") == 5 and "- `overfit`, engine, 1,000 training images" in summary
     # pooled over the current settings (not `short`): net_a's fo has 3 + 3 + 2 pairs, 5 better and 3 worse
     pooled = text.split("## Pooled over settings", 1)[1].split("## Setting", 1)[0]
-    assert "settings `underfit`, `overfit`, `timm-recipe` (" in pooled
+    assert "settings `underfit`, `overfit`, `timm-recipe`, `adamw`, `finetune` (" in pooled
     assert "| net_a | fo | optimizer | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in pooled
     assert "| net_b | sam | - | 6 | 0.00 ± 0.34 (n=6) | 2 / 2 | 1.000 | - | - |" in pooled
     assert "full" not in pooled
@@ -222,22 +221,20 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
 
 
 def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme_by_hand():
-    g = load_benchmark()
     # all 8 patterns of (1, 2, 3): sums 6, 4, 2, 0, 0, -2, -4, -6
-    assert g.sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8          # |sum| >= 6: the pattern and its mirror
-    assert g.sign_flip_p([1.0, -2.0, 3.0]) == 6 / 8         # |sum| >= 2: all but the two zeros
-    assert g.sign_flip_p([0.5] * 5) == 2 / 32               # five gains: the best 5 seeds can show
-    assert g.sign_flip_p([0.1, 0.2, 0.3 - 0.6]) == 1.0      # sum 0 up to rounding: every pattern ties or beats it
+    assert sign_flip_p([1.0, 2.0, 3.0]) == 2 / 8          # |sum| >= 6: the pattern and its mirror
+    assert sign_flip_p([1.0, -2.0, 3.0]) == 6 / 8         # |sum| >= 2: all but the two zeros
+    assert sign_flip_p([0.5] * 5) == 2 / 32               # five gains: the best 5 seeds can show
+    assert sign_flip_p([0.1, 0.2, 0.3 - 0.6]) == 1.0      # sum 0 up to rounding: every pattern ties or beats it
     # beyond 16 pairs, random patterns: all 30 gains (exact p 2^-29) is as extreme as 1 + the draws allow;
     # a zero sum still has p 1
-    assert g.sign_flip_p([0.5] * 30) == pytest.approx(1 / (1 + g.SIGN_FLIP_DRAWS), abs=1e-5)
-    assert g.sign_flip_p([1.0, -1.0] * 15) == 1.0
+    assert sign_flip_p([0.5] * 30) == pytest.approx(1 / (1 + SIGN_FLIP_DRAWS), abs=1e-5)
+    assert sign_flip_p([1.0, -1.0] * 15) == 1.0
 
 
 def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):
-    g = load_benchmark()
-    run = g.Run("underfit", "engine", "sam", "test_resnet", seed=0, epochs=1, train_samples=256, alpha_rule="-")
-    trainer = g.SAMTrainer(g.train_args(run, None, str(tmp_path)))
+    run = Run("underfit", "engine", "sam", "test_resnet", seed=0, epochs=1, train_samples=256, alpha_rule="-")
+    trainer = SAMTrainer(paths.train_args(run, None, str(tmp_path)))
     batch = next(iter(trainer.train_loader))
     model = trainer.module.train()
     # the reference: SAM written out (Foret et al. 2021, Algorithm 1) on a copy, then the engine's SGD settings
@@ -248,16 +245,16 @@ def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):
     norm = torch.stack([x.norm() for x in grads]).norm() + 1e-12
     with torch.no_grad():
         for p, grad in zip(params, grads):
-            p.add_(grad, alpha=g.SAM_RHO / norm.item())          # w + e(w)
-    with g._frozen_running_stats(ref):
+            p.add_(grad, alpha=SAM_RHO / norm.item())          # w + e(w)
+    with frozen_running_stats(ref):
         grads_at_e = torch.autograd.grad(loss(), params)
     with torch.no_grad():
         for p, grad in zip(params, grads):
-            p.sub_(grad, alpha=g.SAM_RHO / norm.item())          # back to w
+            p.sub_(grad, alpha=SAM_RHO / norm.item())          # back to w
     for p, grad in zip(params, grads_at_e):
         p.grad = grad
     # the setting clips the gradient at norm 1 before the step, as the engine does
-    torch.nn.utils.clip_grad_norm_(params, g.SETTINGS["underfit"].clip_grad)
+    torch.nn.utils.clip_grad_norm_(params, SETTINGS["underfit"].clip_grad)
     position = {id(p): i for i, p in enumerate(model.parameters())}
     settings = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
     torch.optim.SGD([{"params": [params[position[id(p)]] for p in group["params"]],
