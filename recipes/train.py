@@ -5,6 +5,9 @@
     accelerate launch recipes/train.py --model resnet50 --variant conv --dataset hfds/uoft-cs/cifar100
     python recipes/train.py -c output/train/RUN/args.yaml --epochs 10    # a run's options again, one changed
 
+Exit codes: 0 done; 2 bad input, unreadable data or a failed checkpoint write (one line, no traceback); 75 stopped
+by SIGTERM/SIGUSR1 after saving last.pth.tar (run the same command with --resume it; timm_mltp.preemption).
+
 Options are timm train.py's, by name and meaning; -b/--batch-size is the size of ONE task, so each
 optimizer step uses 2 x batch-size samples per process (times --grad-accum-steps). timm options this
 recipe does not support stop with a one-line reason (README: the option table). The loop lives in
@@ -19,6 +22,7 @@ from timm.utils import ParseKwargs
 from timm_mltp.engine import TrainArgs, train
 from timm_mltp.errors import MLTPConfigError
 from timm_mltp.mltp import ALPHA_RULES
+from timm_mltp.preemption import PREEMPTED_EXIT_CODE, Preempted
 
 D = TrainArgs()
 
@@ -295,6 +299,13 @@ def build_parser() -> ArgumentParser:
                    help="also write recovery-EPOCH-STEP.pth.tar every N optimizer steps")
     g.add_argument("--max-bad-steps", type=int, default=D.max_bad_steps,
                    help="stop after this many non-finite losses in a row (default: %(default)s)")
+    g.add_argument("--max-bad-samples", type=int, default=D.max_bad_samples,
+                   help="unreadable samples are skipped; stop after this many in a row (default: %(default)s)")
+    g.add_argument("--max-bad-share", type=float, default=D.max_bad_share,
+                   help="stop when more than this share of a split is unreadable in an epoch (default: %(default)s)")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="load --resume/--initial-checkpoint/--pretrained-path files that need pickle, which can run "
+                        "code from the file (default: tensors and plain types only)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar (shown only on a "
                                                                                 "terminal anyway)")
     for flag in NO_EFFECT:
@@ -379,6 +390,8 @@ def main(argv=None) -> int:
     except MLTPConfigError as e:  # bad input: say what to do, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted:             # the engine printed where it saved and how to resume
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

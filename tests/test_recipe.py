@@ -18,6 +18,7 @@ from PIL import Image
 
 from timm_mltp import MLTPConfig, mltp_backward, split_tasks
 from timm_mltp.data import DEFAULT_DATASET
+from timm_mltp.engine import SUMMARY_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "recipes" / "train.py")]
@@ -51,8 +52,10 @@ def test_default_dataset_trains_and_writes_timm_loadable_outputs(tmp_path):
     out = tmp_path / "e"
     assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"} <= {p.name for p in out.iterdir()}
     rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
-                             "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio"]
+    assert list(rows[0]) == SUMMARY_COLUMNS       # timm's columns, the MLTP statistics, unreadable samples skipped
+    assert SUMMARY_COLUMNS[:10] == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr",
+                                    "loss_i", "loss_j", "grad_cosine", "alpha"]
+    assert SUMMARY_COLUMNS[-2:] == ["train_skipped", "eval_skipped"] and rows[0]["train_skipped"] == "0"
     assert float(rows[0]["eval_top1"]) > 30            # 10 classes: chance is 10%
     assert 0 < float(rows[0]["alpha"]) <= 0.05           # the default rule on SGD: the learning rate (no clipping)
     assert 0 < float(rows[0]["relative_step"]) < 0.1 and 0 < float(rows[0]["update_ratio"]) < 1

@@ -27,9 +27,11 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from .data import SeededAugmentation, apply_transforms, collate_image_batch, create_transforms
+from .checkpoints import load_weights, refusing_pickle
+from .data import SeededAugmentation, SkipUnreadable, apply_transforms, collate_image_batch, create_transforms
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig
+from .preemption import ignore_in_loader_worker
 
 if TYPE_CHECKING:
     from .train_args import TrainArgs
@@ -42,7 +44,8 @@ MIXUP_MODES = ("batch", "pair", "elem")
 
 def check_args(args: TrainArgs) -> None:
     """What no factory checks: counts, files, and options that only make sense together."""
-    for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval", "checkpoint_hist", "val_interval"):
+    for name in ("batch_size", "epochs", "grad_accum_steps", "log_interval", "checkpoint_hist", "val_interval",
+                 "max_bad_samples"):
         if getattr(args, name) < 1:
             raise MLTPConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("resume", "pretrained_path", "initial_checkpoint"):
@@ -117,15 +120,16 @@ def _classifier_names(model_name: str) -> tuple[str, ...]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
-def pretrained_file_overlay(model_name: str, path: str) -> tuple[dict, dict]:
+def pretrained_file_overlay(model_name: str, path: str, trust: bool = False) -> tuple[dict, dict]:
     """timm's `pretrained_cfg_overlay` for a local weights file, and the file's weights.
 
-    The overlay names the file's own class count, so that timm's loading re-initialises the classifier
-    exactly when the model's differs (timm's train.py passes num_classes=-1 and always re-initialises it);
-    the model's checkpoint filter resamples what depends on the input size (ViT position embeddings)."""
-    state = timm.models.load_state_dict(path)   # EMA weights where the file has them, as timm loads
+    The overlay hands timm's pretrained loading the weights read here (once, tensors only unless `trust`) and
+    names the file's own class count, so that timm re-initialises the classifier exactly when the model's
+    differs (timm's train.py passes num_classes=-1 and always re-initialises it); the model's checkpoint filter
+    resamples what depends on the input size (ViT position embeddings)."""
+    state = load_weights(path, "--pretrained-path", trust)   # EMA weights where the file has them, as timm loads
     rows = next((state[n + ".weight"].shape[0] for n in _classifier_names(model_name) if n + ".weight" in state), -1)
-    return dict(file=path, num_classes=rows), state
+    return dict(state_dict=dict(state), num_classes=rows), state   # (timm edits the dict it is given)
 
 
 def _describe_adaptation(model: nn.Module, model_name: str, path: str, file_state: dict, file_classes: int) -> str:
@@ -157,11 +161,15 @@ def build_model(args: TrainArgs, num_classes: int) -> tuple[nn.Module, str]:
         kwargs["img_size"] = size
     file_state = None
     if args.pretrained_path:
-        kwargs["pretrained_cfg_overlay"], file_state = pretrained_file_overlay(args.model, args.pretrained_path)
+        kwargs["pretrained_cfg_overlay"], file_state = pretrained_file_overlay(args.model, args.pretrained_path,
+                                                                               args.trust_checkpoint)
     pretrained = args.pretrained or bool(args.pretrained_path)
     try:
-        model = timm.create_model(args.model, pretrained=pretrained, checkpoint_path=args.initial_checkpoint,
-                                  **kwargs)
+        model = timm.create_model(args.model, pretrained=pretrained, **kwargs)
+        model.pretrained_cfg.pop("state_dict", None)   # the file's weights, not kept beside the model's
+        if args.initial_checkpoint:   # what create_model(checkpoint_path=) does, tensors only unless trusted
+            with refusing_pickle(args.initial_checkpoint, "--initial-checkpoint"):
+                timm.models.load_checkpoint(model, args.initial_checkpoint, weights_only=not args.trust_checkpoint)
     except TypeError as e:   # a keyword this architecture does not take
         raise MLTPConfigError(f"model {args.model!r} cannot be built with these options ({_first_line(e)}); "
                               f"drop the option (or --model-kwargs key) it names") from e
@@ -246,19 +254,20 @@ def build_loaders(args: TrainArgs, model: nn.Module, data, world_size: int):
                               f"(2 x batch size {args.batch_size} x {world_size} processes = {pair}); lower "
                               f"--batch-size or use more data")
     in_chans = getattr(model, "in_chans", None) or timm.data.resolve_data_config({}, model=model)["input_size"][0]
-    train = SeededAugmentation(apply_transforms(train, train_tf, data.image_column, data.label_column,
-                                                in_chans=in_chans), args.seed)
+    train = apply_transforms(train, train_tf, data.image_column, data.label_column, in_chans=in_chans)
+    train = SeededAugmentation(SkipUnreadable(train, args.train_split or "train", args.max_bad_samples), args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train, batch_size=2 * args.batch_size, shuffle=True, drop_last=True,
                               num_workers=args.workers, collate_fn=collate_image_batch, generator=generator,
-                              pin_memory=args.pin_mem,
+                              pin_memory=args.pin_mem, worker_init_fn=ignore_in_loader_worker,
                               persistent_workers=False)  # workers must see each epoch's SeededAugmentation.epoch
     eval_loader = None
     if data.eval is not None:
         eval_set = apply_transforms(data.eval, eval_tf, data.image_column, data.label_column, in_chans=in_chans)
+        eval_set = SkipUnreadable(eval_set, args.eval_split or "eval", args.max_bad_samples)
         eval_loader = DataLoader(eval_set, batch_size=args.validation_batch_size or 4 * args.batch_size,
                                  shuffle=False, num_workers=args.workers, collate_fn=collate_image_batch,
-                                 pin_memory=args.pin_mem)
+                                 pin_memory=args.pin_mem, worker_init_fn=ignore_in_loader_worker)
     return train_loader, eval_loader, generator
 
 

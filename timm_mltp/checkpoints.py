@@ -7,34 +7,96 @@
 
 timm loads every one of them (`timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))`
 takes `state_dict_ema` when the run kept an EMA, as timm's own loading does).
+
+Loading reads tensors and plain Python types only (`torch.load(weights_only=True)`): unpickling anything else
+can run code from the file. A file that needs more is refused in one line naming the opt-in (`--trust-checkpoint`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
+
+from .errors import MLTPConfigError
+
+TRUST_FLAG = "--trust-checkpoint"
+
+
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """Yield a temporary path beside `path` to write, then rename it over `path`: a kill or a full disk never
+    leaves half a checkpoint, and the previous file stays as it was. A failed write (ENOSPC, EIO, a quota) is
+    a one-line error naming the file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        raise MLTPConfigError(f"could not write {path} ({e.strerror or e}); the previous {path.name}, if any, is "
+                              f"intact: free space in {path.parent} (or give another --output) and --resume the "
+                              f"last checkpoint") from e
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a Python file object, so that a failed write raises OSError (torch's own file writer
+    raises RuntimeError) and is flushed to disk before the rename."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _duplicate(src: Path, dst: Path) -> None:
     """`dst` holds what `src` holds: a hard link where the file system allows one (no copy), else a copy."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    with _replacing(dst) as tmp:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+
+
+@contextlib.contextmanager
+def refusing_pickle(path, what: str, opt_in: str | None = TRUST_FLAG):
+    """A `weights_only` load that met a global it does not allow (timm re-raises it as a RuntimeError) becomes
+    a one-line error naming the file, what it holds and the opt-in (`opt_in`, None: there is none)."""
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
+        yield
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        refusal = e if isinstance(e, pickle.UnpicklingError) else e.__cause__
+        if not isinstance(refusal, pickle.UnpicklingError):
+            raise
+        try:
+            held = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+        except Exception:   # not a zip checkpoint: torch cannot list them
+            held = ""
+        how = f"pass {opt_in} if you trust this file" if opt_in else "resume from a checkpoint you wrote"
+        raise MLTPConfigError(f"{what} {str(path)!r} holds Python objects beyond tensors and plain types"
+                              f"{f' ({held})' if held else ''}, and unpickling them can run code from the file, "
+                              f"so it was not loaded; {how}") from e
+
+
+def load_checkpoint_file(path, what: str = "--resume", trust: bool = False) -> dict:
+    """A whole checkpoint (this recipe's), tensors and plain types only unless `trust`."""
+    with refusing_pickle(path, what):
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+
+
+def load_weights(path, what: str, trust: bool = False) -> dict:
+    """A model's weights from any file timm loads (EMA weights preferred, safetensors by extension), tensors and
+    plain types only unless `trust`."""
+    with refusing_pickle(path, what):
+        return timm.models.load_state_dict(path, weights_only=not trust)
 
 
 def rng_state() -> dict:
@@ -119,4 +181,5 @@ class CheckpointSaver:
         self.best_epoch, self.best_metric, self.recovery = state["best_epoch"], state["best_metric"], state["recovery"]
 
 
-__all__ = ["CheckpointSaver", "atomic_save", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointSaver", "atomic_save", "load_checkpoint_file", "load_weights", "refusing_pickle", "rng_state",
+           "set_rng_state", "TRUST_FLAG"]

@@ -6,6 +6,7 @@
     loader = DataLoader(train, batch_size=64, shuffle=True, collate_fn=collate_image_batch)
 """
 import io
+import logging
 import os
 import random
 import re
@@ -22,8 +23,11 @@ from timm_mltp.errors import MLTPConfigError
 
 __all__ = [
     "DEFAULT_DATASET", "ImageDataset", "load_image_dataset", "create_transforms",
-    "apply_transforms", "collate_image_batch", "convert_image", "SeededAugmentation", "mix_within_tasks",
+    "apply_transforms", "collate_image_batch", "convert_image", "SeededAugmentation", "SkipUnreadable",
+    "UnreadableData", "check_unreadable_share", "mix_within_tasks",
 ]
+
+_logger = logging.getLogger("timm_mltp")
 
 # Shipped with the package: pyproject must list `timm_mltp/data/**` as package data so that this
 # folder also exists in non-editable installs (and in the wheel).
@@ -341,11 +345,62 @@ def apply_transforms(dataset: datasets.Dataset, transform: Callable, image_colum
 
 
 def collate_image_batch(examples: list) -> dict:
-    """Stack `apply_transforms` examples: a DataLoader `collate_fn` and an HF Trainer `data_collator`."""
-    return {
+    """Stack `apply_transforms` examples: a DataLoader `collate_fn` and an HF Trainer `data_collator`.
+    Examples from `SkipUnreadable` add `skipped`, the batch's count of unreadable samples replaced."""
+    batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
     }
+    if "skipped" in examples[0]:
+        batch["skipped"] = torch.tensor(sum(e["skipped"] for e in examples))
+    return batch
+
+
+class UnreadableData(MLTPConfigError):
+    """Too many samples of a split cannot be read. A DataLoader worker's exception reaches the main process
+    rebuilt from its traceback text; the message is then the traceback's last line, so it stays one line."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught "):    # torch.utils.data._utils.ExceptionWrapper.reraise
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
+
+
+def check_unreadable_share(split: str, skipped: int, size: int, max_share: float) -> None:
+    """Stop when more than `max_share` of a split's `size` samples were unreadable in one epoch."""
+    if skipped > max_share * size:
+        raise UnreadableData(f"{skipped} of the {size} samples in split {split!r} were unreadable in this epoch so "
+                             f"far, more than --max-bad-share {max_share:g} (the warnings above name each); repair "
+                             f"or remove them, or raise --max-bad-share")
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """A sample that cannot be read or decoded is replaced by the next readable index, as timm's ImageDataset
+    does: a warning names the split, the index and the reason, and after `max_in_row` unreadable samples in a
+    row it stops.
+
+    The replacement depends on the index alone, so loader batches keep their 2B samples (task i and task j
+    stay formed) and a resumed run skips the same samples. Each sample carries `skipped`, the number of
+    unreadable samples it replaces, for the loop to count (loader workers cannot count in the main process).
+    """
+
+    def __init__(self, dataset, split: str, max_in_row: int = 10):
+        self.dataset, self.split, self.max_in_row = dataset, split, max_in_row
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        for skipped in range(self.max_in_row):
+            k = (int(index) + skipped) % len(self.dataset)
+            try:
+                return {**self.dataset[k], "skipped": skipped}
+            except (OSError, SyntaxError) as e:   # PIL: UnidentifiedImageError, truncated files; broken chunks
+                _logger.warning("skipped an unreadable sample: split %r, index %d: %s: %s", self.split, k,
+                                type(e).__name__, e)
+        raise UnreadableData(f"{self.max_in_row} samples in a row of split {self.split!r} cannot be read (indices "
+                             f"{int(index)} to {k}; the warnings above give each reason); repair or remove them, "
+                             f"or raise --max-bad-samples")
 
 
 class SeededAugmentation(torch.utils.data.Dataset):

@@ -7,6 +7,7 @@ Build with timm's factories (build.py), distribute with Accelerate, get the grad
             step.pair(batch, accumulation_steps=k)     # weighted 1/k (loss scale, autocast)
         if step.sync():                                # mean over processes; every process skips a non-finite step
             clip; optimizer.step(); ema.update(model)  # the EMA follows the outer weights, never w'
+        count unreadable samples; on SIGTERM/SIGUSR1 (any process): save last.pth.tar, stop (preemption.py)
 """
 from __future__ import annotations
 
@@ -30,17 +31,19 @@ from tqdm.auto import tqdm
 
 from .build import (build_ema, build_loaders, build_mixup, build_model, build_optimizer, build_scheduler,
                     build_train_loss, check_args, check_model_name, compile_model, mltp_config)
-from .checkpoints import CheckpointSaver, rng_state, set_rng_state
-from .data import DEFAULT_DATASET, load_image_dataset, mix_within_tasks
+from .checkpoints import CheckpointSaver, load_checkpoint_file, rng_state, set_rng_state
+from .data import DEFAULT_DATASET, check_unreadable_share, load_image_dataset, mix_within_tasks
 from .errors import MLTPConfigError
 from .mltp import second_order_in_use
+from .preemption import Preempted, PreemptionSignal, any_process
 from .selection import select_parameters, summarize_selection
 from .step import MLTPStep
 from .train_args import TrainArgs
 
 # the MLTP statistics averaged over each epoch (MLTPStats fields)
 EPOCH_STATS = ("loss", "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio")
-SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", *EPOCH_STATS[1:]]
+SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", *EPOCH_STATS[1:],
+                   "train_skipped", "eval_skipped"]   # unreadable samples replaced in the epoch (data.SkipUnreadable)
 
 
 # ---- the run's surroundings: distribution, output folder, trackers -----------------------------------
@@ -143,7 +146,8 @@ class Trainer:
         self.saver = CheckpointSaver(self.out_dir, args.checkpoint_hist, decreasing=self.eval_metric == "loss")
         self.show_bar = args.progress and acc.is_local_main_process and sys.stderr.isatty()
         self.epoch, self.step_in_epoch, self.num_updates = 0, 0, 0
-        self.rows, self.epoch_sums = [], {}
+        self.rows, self.epoch_sums, self.epoch_skipped = [], {}, 0
+        self.preemption = PreemptionSignal()   # active during fit()
         if args.resume:
             self.load_checkpoint(args.resume)
 
@@ -164,7 +168,8 @@ class Trainer:
                 "optimizer": self.optimizer.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "num_updates": self.num_updates,
-                "rows": self.rows, "epoch_sums": self.epoch_sums, "mltp_step": self.step.state_dict(),
+                "rows": self.rows, "epoch_sums": self.epoch_sums, "epoch_skipped": self.epoch_skipped,
+                "mltp_step": self.step.state_dict(),
                 "args": asdict(self.args)}
 
     def save(self, kind: str, **where) -> bool:
@@ -182,7 +187,7 @@ class Trainer:
         return False
 
     def load_checkpoint(self, path: str) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(path, "--resume", trust=self.args.trust_checkpoint)
         if ckpt.get("arch") != self.args.model:
             raise MLTPConfigError(f"--resume {path!r} is a checkpoint of {ckpt.get('arch')!r}, not {self.args.model!r}")
         self.module.load_state_dict(ckpt["state_dict"])
@@ -197,6 +202,7 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         for key in ("epoch", "step_in_epoch", "num_updates", "rows", "epoch_sums"):
             setattr(self, key, ckpt[key])
+        self.epoch_skipped = ckpt.get("epoch_skipped", 0)
         if "saver" in ckpt:
             self.saver.load_state_dict(ckpt["saver"])
         self.print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch}")
@@ -299,17 +305,19 @@ class Trainer:
         loader = self.train_loader
         if self.step_in_epoch:                      # resumed mid-epoch
             loader = acc.skip_first_batches(self.train_loader, self.step_in_epoch)
-        if not self.step_in_epoch:   # the epoch's running means; a checkpoint carries them over a resume
+        if not self.step_in_epoch:   # the epoch's running means and counts; a checkpoint carries them over a resume
             self.epoch_sums = {k: [0.0, 0] for k in EPOCH_STATS}
+            self.epoch_skipped = 0
         sums, bad_in_row, k = self.epoch_sums, 0, args.grad_accum_steps
         update_time, data_time = AverageMeter(), AverageMeter()
         bar = tqdm(total=self.updates_per_epoch, initial=self.step_in_epoch // k, leave=False,
                    desc=f"epoch {self.epoch}", disable=not self.show_bar)
         last_time = time.time()
-        for pairs in accumulation_groups(loader, k):
+        for pairs in self.until_preempted(accumulation_groups(loader, k)):
             data_time.update(time.time() - last_time)
             stats = self.train_step(*pairs)
             self.step_in_epoch += len(pairs)
+            self.count_unreadable(pairs)
             update_idx = math.ceil(self.step_in_epoch / k) - 1
             bar.update()
             if stats is None:
@@ -343,13 +351,43 @@ class Trainer:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return {k: _mean(v) for k, v in sums.items()}
 
+    def count_unreadable(self, batches) -> None:
+        """Add the step's unreadable samples, over all processes, to the epoch's count (too many end the run)."""
+        local = sum(int(batch["skipped"]) for batch in batches if "skipped" in batch)
+        total = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum")
+        self.epoch_skipped += int(total.item())
+        check_unreadable_share(self.args.train_split or "train", self.epoch_skipped, len(self.train_set),
+                               self.args.max_bad_share)
+
+    def until_preempted(self, steps):
+        """The epoch's steps; after each one (its checkpoints written, before the next batch is loaded), every
+        process stops together when any of them received SIGTERM or SIGUSR1."""
+        for step in steps:
+            yield step
+            self.stop_if_preempted()
+
+    def stop_if_preempted(self) -> None:
+        """Called by every process at the same point: when any was signalled, save last.pth.tar as the run stands
+        (mid-epoch: --resume continues from the next step), say so, and raise Preempted."""
+        if not any_process(self.preemption.received is not None, self.accelerator.device):
+            return
+        self.save("last")
+        path = self.out_dir / "last.pth.tar"
+        message = (f"{self.preemption.received or 'another process was signalled'}: stopped after optimizer step "
+                   f"{self.num_updates} (epoch {self.epoch}, batch {self.step_in_epoch}) and saved {path}; run the "
+                   f"same command with --resume {path} to continue")
+        self.print(message)
+        self.accelerator.end_training()
+        raise Preempted(message, path)
+
     @torch.no_grad()
     def evaluate(self, module: torch.nn.Module | None = None) -> dict:
         """Loss and top-1/top-5 accuracy of `module` (default: the model) on the eval split."""
         acc, module = self.accelerator, module if module is not None else self.module
         module.eval()
-        losses, top1, top5, n = 0.0, 0.0, 0.0, 0
+        losses, top1, top5, n, skipped = 0.0, 0.0, 0.0, 0, 0
         for batch in self.eval_loader:
+            skipped += int(batch.get("skipped", 0))
             images = batch["pixel_values"]
             if self.args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -360,7 +398,10 @@ class Trainer:
             a1, a5 = accuracy(logits, labels, topk=(1, k))
             losses += F.cross_entropy(logits, labels, reduction="sum").item()
             top1, top5, n = top1 + a1.item() * len(labels), top5 + a5.item() * len(labels), n + len(labels)
-        return {"eval_loss": losses / n, "eval_top1": top1 / n, "eval_top5": top5 / n}
+        skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
+        check_unreadable_share(self.args.eval_split or "eval", skipped, len(self.eval_loader.dataset),
+                               self.args.max_bad_share)
+        return {"eval_loss": losses / n, "eval_top1": top1 / n, "eval_top5": top5 / n, "eval_skipped": skipped}
 
     def evaluate_epoch(self) -> tuple[dict, str]:
         """timm: with an EMA, the EMA's metrics are the epoch's (they rank checkpoints); both are reported."""
@@ -370,6 +411,27 @@ class Trainer:
             metrics = self.evaluate(self.ema.module)
             note += f"  EMA: {_metrics_note(metrics)}"
         return metrics, note
+
+    def run_epoch(self) -> None:
+        """Train one epoch, evaluate, write its row and checkpoints, print its line."""
+        args, epoch = self.args, self.epoch
+        train = self.train_epoch()
+        metrics, note = {}, ""
+        if self.eval_loader is not None and (self.epoch % args.val_interval == 0 or self.epoch == self.num_epochs):
+            metrics, note = self.evaluate_epoch()
+        metric = metrics.get(f"eval_{self.eval_metric}") if self.eval_loader is not None else train["loss"]
+        self.scheduler.step(self.epoch, metric)
+        row = {"epoch": epoch, "train_loss": train["loss"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[2:5]},
+               "lr": self.optimizer.param_groups[0]["lr"], **{k: train[k] for k in EPOCH_STATS[1:]},
+               "train_skipped": self.epoch_skipped, "eval_skipped": metrics.get("eval_skipped")}
+        self.rows.append(row)
+        self.save("epoch", epoch=epoch, metric=metric)
+        self.write_summary()
+        self.accelerator.log({k: v for k, v in row.items() if v is not None}, step=self.num_updates)
+        skipped = {"training": self.epoch_skipped, "eval": row["eval_skipped"]}
+        if any(skipped.values()):
+            note += "  unreadable samples skipped: " + ", ".join(f"{n} {split}" for split, n in skipped.items() if n)
+        self.print(f"epoch {epoch}: train_loss {train['loss']:.4f} grad_cosine {train['grad_cosine']:.3f} " + note)
 
     def fit(self) -> dict:
         args, acc = self.args, self.accelerator
@@ -387,22 +449,11 @@ class Trainer:
         self.print(f"each step: 2 x {args.batch_size} samples per process{accumulated}, "
                    f"{self.updates_per_epoch} steps per epoch")
         start = time.time()
-        while self.epoch < self.num_epochs:
-            epoch = self.epoch
-            train = self.train_epoch()
-            metrics, note = {}, ""
-            if self.eval_loader is not None and (self.epoch % args.val_interval == 0 or self.epoch == self.num_epochs):
-                metrics, note = self.evaluate_epoch()
-            metric = metrics.get(f"eval_{self.eval_metric}") if self.eval_loader is not None else train["loss"]
-            self.scheduler.step(self.epoch, metric)
-            row = {"epoch": epoch, "train_loss": train["loss"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[2:5]},
-                   "lr": self.optimizer.param_groups[0]["lr"], **{k: train[k] for k in EPOCH_STATS[1:]}}
-            self.rows.append(row)
-            self.save("epoch", epoch=epoch, metric=metric)
-            self.write_summary()
-            acc.log({k: v for k, v in row.items() if v is not None}, step=self.num_updates)
-            self.print(f"epoch {epoch}: train_loss {train['loss']:.4f} grad_cosine {train['grad_cosine']:.3f} "
-                       + note)
+        with self.preemption:
+            while self.epoch < self.num_epochs:
+                self.run_epoch()
+                if self.epoch < self.num_epochs:
+                    self.stop_if_preempted()   # signalled during evaluation: last.pth.tar is this epoch's end
         acc.end_training()
         top1 = [r["eval_top1"] for r in self.rows if r["eval_top1"] is not None]
         result = {"best_top1": max(top1) if top1 else None, "best_metric": self.saver.best_metric,

@@ -152,6 +152,10 @@ class TrainArgs:
     cpu: bool = False
     no_ddp_bb: bool = False               # do not broadcast BatchNorm buffers from process 0 after each step
     max_bad_steps: int = 5                # stop after this many non-finite losses in a row
+    max_bad_samples: int = 10             # stop after this many unreadable samples in a row (timm's ImageDataset: 10)
+    max_bad_share: float = 0.01           # stop when more than this share of a split was unreadable in one epoch
+    trust_checkpoint: bool = False        # load --resume/--initial-checkpoint/--pretrained-path files that need
+                                          # pickle (which can run code from the file)
     progress: bool = True                 # the tqdm bar (shown on a terminal only)
 
 

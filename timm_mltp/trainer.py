@@ -14,6 +14,10 @@ since they count loader batches.
 The gradient of one pair comes from `MLTPStep` (the sequence the recipe's loop runs too); the Trainer's
 `loss.backward()` is replaced by it in `training_step`, everything else (clipping, optimizer and scheduler
 steps, logging, saving) is the Trainer's.
+
+Preemption: SIGTERM or SIGUSR1 (SLURM's `--signal`) saves a checkpoint at the end of the step in progress and
+ends `train()` (`PreemptionCallback`, which MLTPTrainer adds itself and any Trainer can take); resume with
+`train(resume_from_checkpoint=True)`.
 """
 from __future__ import annotations
 
@@ -26,16 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import has_length
 
+from .checkpoints import refusing_pickle
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig
+from .preemption import PreemptionSignal, any_process
 from .selection import select_parameters, summarize_selection
 from .step import MLTPStep
 from .tasks import even_batch
 
-__all__ = ["MLTPTrainer", "MLTPTrainingArguments"]
+__all__ = ["MLTPTrainer", "MLTPTrainingArguments", "PreemptionCallback"]
 
 _logger = logging.getLogger("timm_mltp")
 
@@ -84,6 +90,35 @@ class MLTPTrainingArguments(TrainingArguments):
                           bn_update=self.mltp_bn_update, alpha_rule=rule, alpha=self.mltp_alpha,
                           alpha_scale=self.mltp_alpha_scale, relative_step=self.mltp_relative_step,
                           curvature_fraction=self.mltp_curvature_fraction)
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM or SIGUSR1 during `train()`: at the end of the step in progress the Trainer saves a checkpoint
+    (checkpoint-STEP, whatever `save_strategy` says) and stops, on every process after the same step (a reduce
+    agrees on it). `preempted` then names the signal: exit with `timm_mltp.preemption.PREEMPTED_EXIT_CODE` so a
+    scheduler requeues the job, and resume with `train(resume_from_checkpoint=True)`.
+
+    MLTPTrainer adds one itself (`trainer.preemption`); add one to a plain Trainer with
+    `Trainer(..., callbacks=[PreemptionCallback()])`."""
+
+    def __init__(self):
+        self.signal = PreemptionSignal()
+        self.preempted: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.preempted = None
+        self.signal.received = None
+        self.signal.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if any_process(self.signal.received is not None, args.device):
+            self.preempted = self.signal.received or "another process was signalled"
+            control.should_save = control.should_training_stop = True
+            _logger.warning("%s: saving checkpoint-%d in %s and stopping; resume with "
+                            "train(resume_from_checkpoint=True)", self.preempted, state.global_step, args.output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.signal.__exit__()
 
 
 def _returns_loss(model: torch.nn.Module) -> bool:
@@ -148,6 +183,11 @@ class MLTPTrainer(Trainer):
         self._mltp_sums = [0.0] * (2 * len(_LOGGED))  # sums of the logged stats over the interval, and counts
         self._mltp_step: MLTPStep | None = None   # built with the optimizer, at the first step
         self._step_state: dict | None = None  # restored from a checkpoint before the first step
+        self.preemption = next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)),
+                               None)
+        if self.preemption is None:
+            self.preemption = PreemptionCallback()
+            self.add_callback(self.preemption)
 
     # ---- batches: the loader yields both tasks of a step
 
@@ -219,10 +259,13 @@ class MLTPTrainer(Trainer):
             torch.save(self._mltp_step.state_dict(), os.path.join(output_dir, _STEP_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        # the Trainer's files and ours hold tensors and plain types only: one that needs pickle is refused
+        with refusing_pickle(checkpoint, "resume_from_checkpoint", opt_in=None):
+            super()._load_optimizer_and_scheduler(checkpoint)
         path = os.path.join(checkpoint, _STEP_FILE) if checkpoint else None
         if path and os.path.isfile(path):
-            self._step_state = torch.load(path, weights_only=True)
+            with refusing_pickle(path, "resume_from_checkpoint", opt_in=None):
+                self._step_state = torch.load(path, weights_only=True)
             if self._mltp_step is not None:
                 self._mltp_step.load_state_dict(self._step_state)
     def _task_loss(self, module, task):
