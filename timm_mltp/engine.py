@@ -41,7 +41,8 @@ from .step import MLTPStep
 from .train_args import TrainArgs
 
 # the MLTP statistics averaged over each epoch (MLTPStats fields)
-EPOCH_STATS = ("loss", "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio")
+EPOCH_STATS = ("loss", "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio",
+               "second_order_share")
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", *EPOCH_STATS[1:],
                    "train_skipped", "eval_skipped"]   # unreadable samples replaced in the epoch (data.SkipUnreadable)
 

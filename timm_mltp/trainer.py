@@ -46,7 +46,7 @@ __all__ = ["MLTPTrainer", "MLTPTrainingArguments", "PreemptionCallback"]
 _logger = logging.getLogger("timm_mltp")
 
 # MLTPStats fields logged as mltp_<name>, averaged over each logging interval
-_LOGGED = ("loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio")
+_LOGGED = ("loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio", "second_order_share")
 _STEP_FILE = "mltp_step.pt"   # the alpha rule's memory and the second order in use, beside the optimizer's state
 
 
