@@ -174,7 +174,10 @@ def test_the_engine_mixes_within_tasks_and_trains_on_soft_targets(tmp_path, tiny
 def test_accumulated_step_is_the_mean_of_single_pair_gradients(tmp_path, tiny_data):
     k = 3
     assert [len(g) for g in accumulation_groups(range(7), k)] == [3, 3, 1]   # timm: a shorter last group
-    trainer = Trainer(quick_args(tmp_path, tiny_data, grad_accum_steps=k, alpha=0.05, second_order="exact"))
+    # a smooth model: on ReLU/max-pool nets the exact gradient jumps where rounding (the 1/k loss scale) moves a
+    # value across a kink (seen: 0.3 % on one pair of test_resnet on an AMD CPU)
+    trainer = Trainer(quick_args(tmp_path, tiny_data, model="test_efficientnet", grad_accum_steps=k, alpha=0.05,
+                                 second_order="exact"))
     assert trainer.updates_per_epoch == 2                                     # 4 loader batches, 3 per step
     batches = [b for _, b in zip(range(k), trainer.train_loader)]
     trainer.model.train()
@@ -192,8 +195,11 @@ def test_accumulated_step_is_the_mean_of_single_pair_gradients(tmp_path, tiny_da
         for n, p in reference.named_parameters():
             expected[n] += p.grad / k
     assert seen.keys() == expected.keys()
-    for n, g in seen.items():   # the same sums in another order: float32 rounding, ~1e-5 of the norm
-        assert (g - expected[n]).norm() <= 1e-4 * expected[n].norm() + 1e-8, n
+    # the same sums in another order: float32 rounding, ~1e-5 of the gradient's norm (per tensor against the
+    # whole norm: a tensor whose own gradient is ~1e-6 holds nothing but rounding)
+    total = torch.stack([e.norm() for e in expected.values()]).norm()
+    for n, g in seen.items():
+        assert (g - expected[n]).norm() <= 1e-4 * total, n
 
 
 # ---- EMA and checkpoints ---------------------------------------------------------------------------
