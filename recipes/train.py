@@ -267,7 +267,8 @@ def build_parser() -> ArgumentParser:
                    help="how the inner step size is chosen each step (default: fixed with --alpha, else optimizer)")
     g.add_argument("--alpha", type=float, default=None, help="rule fixed: the inner step size")
     g.add_argument("--alpha-scale", type=float, default=D.alpha_scale,
-                   help="rules lr, clip, update: multiplies their step (default: %(default)s)")
+                   help="rules lr, clip, update, preconditioned, optimizer: multiplies their step; online: its "
+                        "starting factor (default: %(default)s)")
     g.add_argument("--relative-step", type=float, default=D.relative_step,
                    help="rule relative: ||inner step|| / ||w_S|| (default: %(default)s)")
     g.add_argument("--second-order", default=D.second_order, choices=["auto", "exact", "fd"])

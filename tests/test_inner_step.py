@@ -160,7 +160,7 @@ def test_rule_update_matches_each_groups_last_update():
     assert stats.update_ratio == pytest.approx(1.0, rel=1e-9)
 
 
-def test_rule_optimizer_is_clip_for_sgd_and_update_for_adam():
+def test_rule_optimizer_is_clip_for_sgd_and_preconditioned_for_adam():
     model = net()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = mltp_step(model, sgd, max_grad_norm=0.01)             # the default rule
@@ -168,12 +168,19 @@ def test_rule_optimizer_is_clip_for_sgd_and_update_for_adam():
     train_step(step, sgd, batch(0))
     stats = step.pair(batch(1))
     assert stats.inner_step == pytest.approx(0.1 * 0.01, rel=1e-9)   # lr x the clipped gradient; momentum aside
-    model = net()
-    adam = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    step = mltp_step(model, adam)
-    train_step(step, adam, batch(0))
-    stats = step.pair(batch(1))
-    assert stats.update_ratio == pytest.approx(1.0, rel=1e-9)        # as long as Adam's last step
+    results = {}
+    for rule in ("optimizer", "preconditioned", "update"):
+        model = net()
+        adam = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        step = mltp_step(model, adam, alpha_rule=rule)
+        train_step(step, adam, batch(0))
+        adam.zero_grad(set_to_none=True)
+        stats = step.pair(batch(1))
+        assert stats.update_ratio == pytest.approx(1.0, rel=1e-9)    # as long as Adam's last step
+        results[rule] = stats.alpha, [p.grad.clone() for p in model.parameters()]
+    assert results["optimizer"][0] == results["preconditioned"][0]   # Adam's direction, not the raw gradient's
+    assert all(torch.equal(a, b) for a, b in zip(results["optimizer"][1], results["preconditioned"][1]))
+    assert results["optimizer"][0] != pytest.approx(results["update"][0], rel=1e-3)
 
 
 def test_a_skipped_step_keeps_the_last_real_update():

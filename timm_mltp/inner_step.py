@@ -29,9 +29,11 @@
                                                                    along g_i: overshoot); s starts at
                                                                    alpha_scale, stays in ONLINE_BOUNDS,
                                                                    is logged and checkpointed
-    optimizer (default) per group: `update` where the optimizer is adaptive (Adam, AdamW, LAMB, RMSprop, ...:
-              groups with `betas` or `eps`), whose one-step length momentum does not inflate; `clip`
-              elsewhere (SGD), where the last update is mostly momentum, up to 1/(1-momentum) times one step
+    optimizer (default) per group: `preconditioned` where the optimizer is adaptive (Adam, AdamW, LAMB,
+              RMSprop, ...: groups with `betas` or `eps`), whose one-step length momentum does not inflate;
+              `clip` elsewhere (SGD), where the last update is mostly momentum, up to 1/(1-momentum) times one
+              step. Until 2026-12-01 (issue 16) adaptive groups took `update`: the raw gradient at the last
+              update's length, which lost 6.5 points under AdamW (docs/generalization.md, setting adamw)
 
 alpha is a constant of the step: it is computed from detached norms, no gradient flows through it.
 Every rule reads the unscaled gradient of task i (fp16: the loss scale is divided out).
@@ -47,6 +49,8 @@ from .mltp import MLTPConfig, alpha_from_optimizer
 from .selection import select_parameters
 
 
+# the rules that precondition Adam-type groups (and clip SGD groups)
+_PRECONDITIONED = ("optimizer", "preconditioned", "online")
 # rule online: the factor per pair, and the range of s_t (times the preconditioned step)
 ONLINE_RATE = 1.05
 ONLINE_BOUNDS = (1e-3, 1.0)
@@ -88,19 +92,17 @@ class InnerStepSize:
         groups; preconditioned and online before the first update). Exact second order on a subset S
         pays one more backward for it, so only then."""
         rule = self.cfg.alpha_rule
-        if self.max_grad_norm is None or rule not in ("clip", "update", "optimizer", "preconditioned", "online"):
+        if self.max_grad_norm is None or rule not in ("clip", "update", *_PRECONDITIONED):
             return False
-        if rule in ("preconditioned", "online"):    # clip before the first update, and for SGD-type groups
-            return not self.last_update or not all(_is_adaptive(group) for group in self.optimizer.param_groups)
         if rule == "clip" or not self.last_update:
             return True
-        return rule == "optimizer" and not all(_is_adaptive(group) for group in self.optimizer.param_groups)
+        return rule in _PRECONDITIONED and not all(_is_adaptive(group) for group in self.optimizer.param_groups)
 
     @property
     def uses_gradients(self) -> bool:
         """Whether `mltp_backward` must pass task i's unscaled gradient of S itself (rules preconditioned and
         online: the length of D P_S g_i)."""
-        return self.cfg.alpha_rule in ("preconditioned", "online")
+        return self.cfg.alpha_rule in _PRECONDITIONED
 
     def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float],
                  gradient_norm: float | None = None, gradients: dict | None = None) -> dict:
@@ -113,24 +115,20 @@ class InnerStepSize:
             alpha = self.cfg.relative_step * _total(weight_norms.values()) / g_norm if g_norm > 0 else 0.0
             return dict.fromkeys(grad_norms, alpha)
         clipped = self._clipped_lr(grad_norms, gradient_norm)
-        if rule in ("preconditioned", "online"):
+        if rule in _PRECONDITIONED:   # optimizer: Adam-type groups preconditioned, SGD groups clip
             return self._preconditioned(grad_norms, clipped, gradients)
-        if rule == "clip" or not self.last_update:   # rules update and optimizer: clip until the first update
+        if rule == "clip" or not self.last_update:   # rule update: clip until the first update
             return clipped
-        group_of = self._group_of_name()
-        updated = self._as_long_as_last_update(grad_norms, group_of)
-        if rule == "update":
-            return updated
-        # rule optimizer: adaptive groups follow their last update, the others take the clipped lr step
-        adaptive = {k for k, group in enumerate(self.optimizer.param_groups) if _is_adaptive(group)}
-        return {n: updated[n] if group_of[n] in adaptive else clipped[n] for n in grad_norms}
+        return self._as_long_as_last_update(grad_norms, self._group_of_name())
 
     def _preconditioned(self, grad_norms: dict[str, float], clipped: dict[str, float], gradients: dict) -> dict:
         """Rules preconditioned and online: per element 1 / (sqrt(v_hat) + eps_g), Adam's direction for g_i without
         momentum, scaled per group to the length of the group's last update; the fallbacks elsewhere."""
-        scale = self.cfg.alpha_scale if self.cfg.alpha_rule == "preconditioned" else self.online_scale
+        online = self.cfg.alpha_rule == "online"
+        scale = self.online_scale if online else self.cfg.alpha_scale
+        rescale = scale / max(self.cfg.alpha_scale, 1e-30) if online else 1.0   # fallbacks carry alpha_scale
         if not self.last_update:
-            return {n: a * scale / max(self.cfg.alpha_scale, 1e-30) for n, a in clipped.items()}
+            return {n: a * rescale for n, a in clipped.items()}
         params = dict(self.model.named_parameters())
         group_of = self._group_of_name()
         updated = self._as_long_as_last_update(grad_norms, group_of)
@@ -143,9 +141,9 @@ class InnerStepSize:
                 alpha[name] = v_hat.sqrt_().add_(group.get("eps", 1e-8)).reciprocal_()
                 preconditioned.append(name)
             elif _is_adaptive(group):
-                alpha[name] = updated[name] * scale / max(self.cfg.alpha_scale, 1e-30)
+                alpha[name] = updated[name] * rescale
             else:
-                alpha[name] = clipped[name] * scale / max(self.cfg.alpha_scale, 1e-30)
+                alpha[name] = clipped[name] * rescale
         if preconditioned:   # per group: ||D P_Sg g_i|| = scale * ||last update of S in g||
             norms = torch.stack(torch._foreach_norm(torch._foreach_mul(
                 [alpha[n] for n in preconditioned], [gradients[n] for n in preconditioned]))).double().tolist()

@@ -120,7 +120,7 @@ class TrainArgs:
     # ---- MLTP
     variant: str = "full"
     gamma: float = 0.5
-    alpha_rule: str | None = None         # optimizer | lr | fixed | clip | update | relative; None: fixed if
+    alpha_rule: str | None = None         # timm_mltp.ALPHA_RULES (README); None: fixed if
                                           # --alpha, else MLTPConfig's default
     alpha: float | None = None            # rule fixed: the inner step size
     alpha_scale: float = 1.0

@@ -59,7 +59,8 @@ class MLTPTrainingArguments(TrainingArguments):
         "over parameter names such as 'layer4.*,fc.*'.")})
     mltp_gamma: float = field(default=0.5, metadata={"help": "Weight of task j in (0, 1]."})
     mltp_alpha_rule: str | None = field(default=None, metadata={"help": (
-        "How the inner step size alpha is chosen each step: optimizer | lr | fixed | clip | update | relative "
+        "How the inner step size alpha is chosen each step: optimizer | lr | fixed | clip | update | relative | "
+        "preconditioned | online "
         "(README). "
         "None: 'fixed' when mltp_alpha is given, else the default rule.")})
     mltp_alpha: float | None = field(default=None, metadata={"help": "Rule 'fixed': the inner step size."})
