@@ -167,6 +167,10 @@ def synthetic_rows():
         add("overfit-v1", "fo", seed, 75.0 + seed)
         add("short", "none", seed, 87.0 + seed)
         add("short", "full", seed, 87.2 + seed, rule="lr")
+    for seed in range(3):   # under AdamW: the preconditioned rule gains 0.5, the old default (update) loses 3
+        add("adamw", "none", seed, 50.0 + seed, path="hf-trainer")
+        add("adamw", "fo", seed, 50.5 + seed, path="hf-trainer", rule="preconditioned")
+        add("adamw", "fo", seed, 47.0 + seed, path="hf-trainer", rule="update")
     for gamma in GAMMAS:
         for scale in ALPHA_SCALES:
             if (gamma, scale) != (0.5, 1.0):
@@ -210,13 +214,21 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert "#### Sensitivity: full (lr) on net_a, final top-1" in short and "| full | lr |" in short
     # the summary at the top: one verdict per group
     summary = text.split("## Verdicts", 1)[1].split("## Setting", 1)[0]
-    assert summary.count("\n- `") == 5 and "- `overfit`, engine, 1,000 training images" in summary
+    assert summary.count("\n- `") == 6 and "- `overfit`, engine, 1,000 training images" in summary
     # pooled over the current settings (not `short`): net_a's fo has 3 + 3 + 2 pairs, 5 better and 3 worse
     pooled = text.split("## Pooled over settings", 1)[1].split("## Setting", 1)[0]
     assert "settings `underfit`, `overfit`, `timm-recipe`, `adamw`, `finetune` (" in pooled
     assert "| net_a | fo | optimizer | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in pooled
     assert "| net_b | sam | - | 6 | 0.00 ± 0.34 (n=6) | 2 / 2 | 1.000 | - | - |" in pooled
     assert "full" not in pooled
+    assert "| net_a | fo | preconditioned | 3 | 0.50 ± 0.00 (n=3) | 3 / 0 |" in pooled
+    assert "| net_a | fo | update | 3 | -3.00 ± 0.00 (n=3) | 0 / 3 |" in pooled
+    # per optimizer family, the default only: the recipe's SGD + momentum settings, AdamW's preconditioned rows
+    family = text.split("## The default per optimizer family", 1)[1].split("## Setting", 1)[0]
+    assert "| SGD + momentum | net_a | fo | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in family
+    assert "| adaptive (AdamW) | net_a | fo | 3 | 0.50 ± 0.00 (n=3) | 3 / 0 | 0.250 |" in family
+    assert "fo on net_a in `overfit` engine (-2.00 over 3 seeds, std of none 1.00)" in family
+    assert "update" not in family.split("|", 1)[1]
     assert doc.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -222,21 +222,72 @@ def sign_flip_p(diffs: list[float]) -> float:
     return (1 + int((sums >= observed).sum())) / (1 + SIGN_FLIP_DRAWS)
 
 
-def pooled_differences(rows: list[dict]) -> dict[tuple, dict[str, list[float]]]:
+# pooled besides the default: the rules issue 16 compared under AdamW (`update` was the default there until then)
+POOLED_RULES = ("-", DEFAULT_RULE, "preconditioned", "update")
+
+
+def optimizer_family(group: tuple) -> str:
+    """The optimizer a group's runs stepped with: the engine's SGD has momentum, the Trainer's `sgd` has none."""
+    setting = SETTINGS.get(group[0])
+    if setting is not None and setting.opt != "sgd":
+        return "adaptive (AdamW)"
+    return "SGD" if group[1] == "hf-trainer" else "SGD + momentum"
+
+
+# the default rule's rows per family: under AdamW `optimizer` preconditions (since issue 16), as the study's
+# `preconditioned` rows do; its rows under AdamW before that are labelled `update`
+FAMILY_DEFAULT = {"SGD": (DEFAULT_RULE,), "SGD + momentum": (DEFAULT_RULE,),
+                  "adaptive (AdamW)": (DEFAULT_RULE, "preconditioned")}
+
+
+def pooled_differences(rows: list[dict], by_family: bool = False) -> dict[tuple, dict[str, list[float]]]:
     """(model, method, alpha_rule) -> {"none": [...], "sam": [...]}: the paired differences of every group of
-    the current settings, pooled. Each difference still pairs two runs of one group and seed."""
+    the current settings, pooled (by_family: keyed (family, model, method) over the family's default rule). Each
+    difference still pairs two runs of one group and seed."""
     pooled = defaultdict(lambda: defaultdict(list))
     for group, runs in groups(rows).items():
         if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
             continue
         cells = main_cells(runs)
+        family = optimizer_family(group)
         for cell in cells:
-            if cell[1] == "none" or cell[2] not in ("-", DEFAULT_RULE):
+            if cell[1] == "none" or cell[2] not in (POOLED_RULES if not by_family else ("-",) + FAMILY_DEFAULT[family]):
                 continue
+            key = (family, cell[0], cell[1]) if by_family else cell
             for baseline in BASELINES:
                 if cell[1] != baseline:
-                    pooled[cell][baseline] += paired_differences(cells, cell, baseline)
+                    pooled[key][baseline] += paired_differences(cells, cell, baseline)
     return pooled
+
+
+def family_table(rows: list[dict]) -> list[str]:
+    """Issue 16's test of the default per optimizer family: pooled paired differences with the sign-flip p,
+    and every cell (setting, path, size, model) where the default lost more than standard training's seed std."""
+    pooled = pooled_differences(rows, by_family=True)
+    lines = ["| optimizer | model | method | pairs | top-1 - none | better / worse | p (sign flip) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(pooled, key=lambda k: (k[0], k[1], METHODS.index(k[2]) if k[2] in METHODS else 99)):
+        diffs = pooled[key]["none"]
+        if diffs:
+            wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(diffs)} | {fmt(diffs)} | {wins} / {losses} | "
+                         f"{p_value(sign_flip_p(diffs))} |")
+    worse = []
+    for group, runs in groups(rows).items():
+        if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
+            continue
+        cells, family = main_cells(runs), optimizer_family(group)
+        for cell in cells:
+            if cell[1] in BASELINES or cell[2] not in FAMILY_DEFAULT[family] or (cell[0], "none", "-") not in cells:
+                continue
+            diffs = paired_differences(cells, cell, "none")
+            spread = mean_std([r["final_top1"] for r in cells[(cell[0], "none", "-")]])[1] or 0.0
+            if diffs and statistics.fmean(diffs) < -spread:
+                worse.append(f"{cell[1]} on {cell[0]} in `{group[0]}` {group[1]} ({statistics.fmean(diffs):+.2f} "
+                             f"over {len(diffs)} seeds, std of none {spread:.2f})")
+    lines += ["", "- The default loses more than standard training's seed-to-seed std in: "
+              + ("; ".join(worse) if worse else "no cell") + "."]
+    return lines
 
 
 def p_value(p: float) -> str:
@@ -421,6 +472,13 @@ def report(csv_path: Path, doc: Path) -> None:
                   f"device), pooled per method and model; `better / worse` counts pairs. The p-value is the exact "
                   f"two-sided sign-flip test of the pooled pairs (no normality assumed).", ""]
         lines += pooled + [""] + pooled_findings(rows) + [""]
+        lines += ["## The default per optimizer family", "",
+                  "Issue 16's test: per optimizer family, the default rule's paired differences pooled over the "
+                  "current settings (SGD: `MLTPTrainer`'s plain SGD; SGD + momentum: the recipe's; adaptive: "
+                  "settings `adamw` and `finetune`, whose `preconditioned` rows are what `optimizer` does under "
+                  "AdamW since then), and every cell where the default lost more than the std of standard "
+                  "training over seeds.", ""]
+        lines += family_table(rows) + [""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     if plot(rows, png):
         lines += [f"![top-1 minus none's per seed, per setting]({png.name})", ""]
