@@ -85,8 +85,9 @@ def label(cell: tuple) -> str:
 def main_table(rows: list[dict]) -> list[str]:
     cells = main_cells(rows)
     lines = ["| model | method | alpha rule | final top-1 | test loss | train loss | top-1 - none, paired | "
-             "top-1 - SAM, paired | relative inner step | inner / last update | wall time vs none |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "top-1 - SAM, paired | relative inner step | inner / last update | cosine | 2nd-order share | "
+             "wall time vs none |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell in cell_order(cells):
         runs = cells[cell]
         model, method, rule = cell
@@ -99,7 +100,9 @@ def main_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {model} | {method} | {rule} | {fmt([r['final_top1'] for r in runs])} | "
                      f"{fmt([r['test_loss'] for r in runs], 4)} | {fmt([r['final_train_loss'] for r in runs], 4)} | "
                      f"{fmt(vs_none)} | {fmt(vs_sam)} | {fmt(inner, 1, 'e')} | "
-                     f"{fmt([] if method in BASELINES else finite(runs, 'mean_update_ratio'))} | {cost} |")
+                     f"{fmt([] if method in BASELINES else finite(runs, 'mean_update_ratio'))} | "
+                     f"{fmt([] if method == 'sam' else finite(runs, 'mean_grad_cosine'), 3)} | "
+                     f"{fmt([] if method in BASELINES else finite(runs, 'mean_second_order_share'))} | {cost} |")
     return lines
 
 
