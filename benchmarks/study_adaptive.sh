@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 16's cells of the study: settings adamw and finetune on test_vit and test_convnext, 2 jobs on 2 cores.
 #   every method (none, SAM, fo, full) under the preconditioned rule, 5 seeds, both paths;
-#   fo and full under the old default rule under AdamW (`optimizer`, which is `update` there), seeds 0-2.
+#   fo and full under the old default rule under AdamW (`optimizer`, which was `update` there), seeds 0-2;
+#   fo and full under the online rule, adamw through MLTPTrainer, seeds 0-2.
 # Seeds 0-2 first, then 3-4, so that a stopped matrix leaves balanced cells. Resumable: runs already in the
 # CSV are skipped.
 set -euo pipefail
@@ -23,4 +24,5 @@ for seeds in 0,1,2 3,4; do
     fi
   done
 done
+study --setting adamw --paths hf-trainer --seeds 0,1,2 --methods fo,full --alpha-rule online
 python benchmarks/generalization.py --report
