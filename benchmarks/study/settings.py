@@ -101,9 +101,11 @@ SETTINGS = {
               f"(timm `test_vit` at 32 px with 4-pixel patches) and `test_convnext`. Path `engine`: the recipe "
               f"(`--opt adamw`, one warmup epoch); path `hf-trainer`: `MLTPTrainer` at the Trainer's defaults "
               f"(`adamw_torch`, no warmup) with that lr and weight decay: issue 16's example, where the old default "
-              f"rule (`optimizer`, which is `update` under Adam) lost 3.5 points with `conv`. Alpha rules: "
-              f"`optimizer` (the old default) and `preconditioned` (Adam's direction for g_i, without momentum, at "
-              f"the length of its last update); evaluated once, after the last epoch."),
+              f"rule (`optimizer`, then `update` under Adam) lost 3.5 points with `conv`. Alpha rules: `update` "
+              f"(that old default: the raw gradient at the length of Adam's last update), `preconditioned` (Adam's "
+              f"direction for g_i, without momentum, at that length: what `optimizer` does under Adam since) and, "
+              f"through `MLTPTrainer`, `online` (that step times a factor adapted from the cosine); evaluated once, "
+              f"after the last epoch."),
     "finetune": Setting(
         FINETUNE_EPOCHS, FINETUNE_SAMPLES, (0.08, 1.0), 1.0, PATHS, opt="adamw", lr=FINETUNE_LR,
         weight_decay=ADAMW_WD, batch_size=FINETUNE_BATCH, data="finetune", eval_every_epoch=False,
