@@ -100,9 +100,11 @@ class InnerStepSize:
 
     @property
     def uses_gradients(self) -> bool:
-        """Whether `mltp_backward` must pass task i's unscaled gradient of S itself (rules preconditioned and
-        online: the length of D P_S g_i)."""
-        return self.cfg.alpha_rule in _PRECONDITIONED
+        """Whether `mltp_backward` must pass task i's unscaled gradient of S itself (rules optimizer,
+        preconditioned and online on Adam-type groups after the first update: the length of D P_S g_i; under
+        fp16 that is an unscaled copy of it, so only then)."""
+        return (self.cfg.alpha_rule in _PRECONDITIONED and bool(self.last_update)
+                and any(_is_adaptive(group) for group in self.optimizer.param_groups))
 
     def __call__(self, grad_norms: dict[str, float], weight_norms: dict[str, float],
                  gradient_norm: float | None = None, gradients: dict | None = None) -> dict:
@@ -136,7 +138,8 @@ class InnerStepSize:
         for name in grad_norms:
             k = group_of[name]
             group = self.optimizer.param_groups[k] if k >= 0 else {}
-            v_hat = _second_moment(self.optimizer.state.get(params[name], {}), group, params[name])
+            v_hat = _second_moment(self.optimizer.state.get(params[name], {}), group, params[name]) if _is_adaptive(
+                group) else None
             if v_hat is not None:
                 alpha[name] = v_hat.sqrt_().add_(group.get("eps", 1e-8)).reciprocal_()
                 preconditioned.append(name)
