@@ -13,7 +13,7 @@
                                                                    rule `clip` until the first update
     relative  alpha   = relative_step * ||w_S|| / ||P_S g_i||        a fixed relative length of the inner step
     preconditioned                                                 per element: the direction of the step
-              alpha   = c_g / (sqrt(v_hat) + eps_g)                the optimizer itself would take on g_i
+              alpha   = c_g / sqrt(v_hat + eps_g^2)                the optimizer itself would take on g_i
               c_g: ||alpha P_Sg g_i|| = alpha_scale * ||dw_Sg||     alone (Adam without momentum; v_hat its
                                                                    bias-corrected second moment, `exp_avg_sq`),
                                                                    at the length of its last actual update.
@@ -72,6 +72,10 @@ class InnerStepSize:
         self._params: list[nn.Parameter] = []          # S, as the optimizer holds it
         self._pending = False
         self.s_names = set(select_parameters(model, cfg.variant)) if cfg.variant != "none" else set()
+        self.step_norms: dict[str, float] | None = None   # ||alpha P_S g_i|| per tensor of the last call, if known
+        # rules optimizer/preconditioned/online: D per tensor, kept between steps (the step's alpha, written anew
+        # each step: a fresh parameter-sized allocation costs more than the arithmetic, page faults on the CPU)
+        self._directions: dict[str, torch.Tensor] = {}
         self.online_scale = min(max(cfg.alpha_scale, ONLINE_BOUNDS[0]), ONLINE_BOUNDS[1])   # rule online: s_t
 
     # ---- the rule
@@ -112,6 +116,7 @@ class InnerStepSize:
         trainable parameter (`gradient_norm`; where not given, S is every trainable parameter); `gradients`:
         P_S g_i per tensor, unscaled, where `uses_gradients`."""
         rule = self.cfg.alpha_rule
+        self.step_norms = None
         if rule == "relative":
             g_norm = _total(grad_norms.values())
             alpha = self.cfg.relative_step * _total(weight_norms.values()) / g_norm if g_norm > 0 else 0.0
@@ -124,7 +129,7 @@ class InnerStepSize:
         return self._as_long_as_last_update(grad_norms, self._group_of_name())
 
     def _preconditioned(self, grad_norms: dict[str, float], clipped: dict[str, float], gradients: dict) -> dict:
-        """Rules preconditioned and online: per element 1 / (sqrt(v_hat) + eps_g), Adam's direction for g_i without
+        """Rules preconditioned and online: per element 1 / sqrt(v_hat + eps_g^2), Adam's direction for g_i without
         momentum, scaled per group to the length of the group's last update; the fallbacks elsewhere."""
         online = self.cfg.alpha_rule == "online"
         scale = self.online_scale if online else self.cfg.alpha_scale
@@ -138,10 +143,10 @@ class InnerStepSize:
         for name in grad_norms:
             k = group_of[name]
             group = self.optimizer.param_groups[k] if k >= 0 else {}
-            v_hat = _second_moment(self.optimizer.state.get(params[name], {}), group, params[name]) if _is_adaptive(
-                group) else None
-            if v_hat is not None:
-                alpha[name] = v_hat.sqrt_().add_(group.get("eps", 1e-8)).reciprocal_()
+            direction = _adam_direction(self.optimizer.state.get(params[name], {}), group, params[name],
+                                        self._directions.get(name)) if _is_adaptive(group) else None
+            if direction is not None:
+                alpha[name] = self._directions[name] = direction
                 preconditioned.append(name)
             elif _is_adaptive(group):
                 alpha[name] = updated[name] * rescale
@@ -153,10 +158,14 @@ class InnerStepSize:
             squares: dict[int, float] = {}
             for name, norm in zip(preconditioned, norms):
                 squares[group_of[name]] = squares.get(group_of[name], 0.0) + norm * norm
-            for name in preconditioned:
+            lengths = {}
+            for name, norm in zip(preconditioned, norms):
                 k = group_of[name]
                 factor = scale * self.last_update.get(k, 0.0) / math.sqrt(squares[k]) if squares[k] > 0 else 0.0
                 alpha[name].mul_(factor)
+                lengths[name] = norm * factor
+            # ||alpha P_S g_i|| per tensor, which mltp_backward would otherwise measure again (a pass over S)
+            self.step_norms = {n: lengths[n] if n in lengths else alpha[n] * grad_norms[n] for n in grad_norms}
         return alpha
 
     def observe(self, grad_cosine: float) -> None:
@@ -238,9 +247,13 @@ def _is_adaptive(group: dict) -> bool:
     return "betas" in group or "eps" in group
 
 
-def _second_moment(state: dict, group: dict, param: torch.Tensor) -> torch.Tensor | None:
-    """The optimizer's bias-corrected second-moment estimate v_hat of `param` (a new tensor), or None where it
-    holds none of the parameter's shape (no state yet, SGD, Adafactor's factored rows and columns)."""
+def _adam_direction(state: dict, group: dict, param: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """1 / sqrt(v_hat + eps^2) per element, up to a constant factor (a new tensor): Adam's scaling of a gradient,
+    v_hat the optimizer's bias-corrected second moment, eps inside the root (within eps of Adam's
+    1 / (sqrt(v_hat) + eps); one pass fewer). The factor is sqrt(1 - beta2^t), left in: the caller sets the
+    step's length. None where the optimizer holds no second moment of the parameter's shape (no state yet, SGD,
+    Adafactor's factored rows and columns). Written into `out` where it fits."""
     v = state.get("max_exp_avg_sq") if group.get("amsgrad") else None
     v = state.get("exp_avg_sq") if v is None else v
     if not isinstance(v, torch.Tensor) or v.shape != param.shape:
@@ -248,7 +261,12 @@ def _second_moment(state: dict, group: dict, param: torch.Tensor) -> torch.Tenso
     step = float(state.get("step", 0))
     beta2 = group.get("betas", (0.9, 0.999))[1]
     correction = 1 - beta2 ** step if step > 0 else 1.0
-    return v.detach().to(param.dtype).div(correction)
+    eps = group.get("eps", 1e-8)
+    # v / c + eps^2 = (v + c eps^2) / c: the rsqrt of v + c eps^2 is the direction times sqrt(c)
+    v = v.detach().to(param.dtype)
+    if out is None or out.shape != v.shape or out.dtype != v.dtype or out.device != v.device:
+        out = torch.empty_like(v)
+    return torch.add(v, correction * eps * eps, out=out).rsqrt_()
 
 
 def _total(norms) -> float:

@@ -196,7 +196,9 @@ def alpha_from_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
 # per-tensor norms {name: ||P_S g_i||} and {name: ||w||} of S that returns one of the first two. A rule with a
 # true `uses_gradient_norm` attribute is also given `gradient_norm=`: the unscaled ||g_i|| over every trainable
 # parameter, the norm an outer step's gradient clipping reads (it differs from ||P_S g_i|| where S is a subset);
-# one with a true `uses_gradients` attribute `gradients=`: {name: P_S g_i}, unscaled, detached.
+# one with a true `uses_gradients` attribute `gradients=`: {name: P_S g_i}, unscaled, detached. A rule that has
+# measured ||alpha P_S g_i|| per tensor (unscaled) for the alpha it returned may hold it in a `step_norms` mapping
+# (None otherwise): the core then takes it instead of another pass over S.
 # A tensor for a parameter is a per-element step size, a diagonal preconditioner D (SPEC.md, adaptive
 # optimizers): w' = w - D P_S g_i, and the second-order term becomes H_i P_S D g_j'. It must broadcast to the
 # parameter's shape, be finite and >= 0; like a float it is a constant of the step (used detached).
@@ -303,7 +305,9 @@ class _Step:
         self.alphas = _alphas(alpha, s_names, w_s)
         if any(isinstance(a, torch.Tensor) for a in self.alphas):
             # per-element alpha: ||D P_S g_i|| and alpha's sum, max and min take one more pass (and sync)
-            step_norms = _step_norms(self.alphas, [g.detach() for g in g_s])
+            known = getattr(self.alpha, "step_norms", None) if callable(self.alpha) else None
+            step_norms = (torch.tensor([known[n] * self.scale for n in s_names], dtype=torch.float64)
+                          if isinstance(known, Mapping) else _step_norms(self.alphas, [g.detach() for g in g_s]))
             summary = torch.stack([_summary(a, w).to(step_norms.device) for a, w in zip(self.alphas, w_s)])
             sums, maxes, mins = summary.T.tolist()
             self.inner_step = math.sqrt(sum(x * x for x in step_norms.double().tolist())) / self.scale
