@@ -19,6 +19,7 @@ several sessions, and `--report` turns the CSV into docs/generalization.md and .
     python benchmarks/generalization.py --setting overfit --alpha-rule lr --jobs 2   # another inner-step rule
     python benchmarks/generalization.py --report                          # regenerate the doc and plot
     python benchmarks/generalization.py --quick --csv /tmp/q.csv          # smoke test, < 1 min
+    python benchmarks/generalization.py --setting adamw --methods full --curvature-fraction 0.25   # H_i v on 1/4
 
 Benchmark-only dependency: matplotlib (the plot).
 """
@@ -38,7 +39,8 @@ from study.data import ensure_full_dataset  # noqa: E402
 from study.matrix import plan, run_matrix  # noqa: E402
 from study.paths import missing_options  # noqa: E402
 from study.report import report  # noqa: E402
-from study.settings import DEFAULT_RULE, METHODS, MODELS, PATHS, QUICK, SEEDS, SETTINGS  # noqa: E402
+from study.settings import (  # noqa: E402
+    DEFAULT_CURVATURE_FRACTION, DEFAULT_RULE, METHODS, MODELS, PATHS, QUICK, SEEDS, SETTINGS)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_CSV = ROOT / "benchmarks" / "results" / "generalization.csv"
@@ -65,6 +67,9 @@ def main(argv=None):
                                                                      "setting's)")
     p.add_argument("--alpha-rule", default=DEFAULT_RULE, choices=[r for r in ALPHA_RULES if r != "fixed"],
                    help="MLTP's inner-step rule (default: MLTPConfig's, %(default)s)")
+    p.add_argument("--curvature-fraction", type=float, default=DEFAULT_CURVATURE_FRACTION, metavar="RHO",
+                   help="MLTP's curvature_fraction: H_i v on this random share of task i, in (0, 1] (default "
+                        "%(default)s: all of it); none and sam always run at 1")
     p.add_argument("--epochs", type=int, default=None, help="override the setting's epochs")
     p.add_argument("--train-samples", type=csv_list(int), default=None, help="override the setting's training-set "
                                                                              "sizes (comma-separated)")
@@ -75,6 +80,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process (default: %(default)s)")
     args = p.parse_args(argv)
+    if not 0 < args.curvature_fraction <= 1:
+        p.error(f"--curvature-fraction must be in (0, 1], got {args.curvature_fraction}")
     csv_path = args.csv or (QUICK_CSV if args.quick else RESULTS_CSV)
     if args.report:
         report(csv_path, args.doc)
@@ -97,11 +104,11 @@ def main(argv=None):
         # the shipped 10k/2k subset: no conversion, a short evaluation
         dataset, q = None, QUICK
         runs = plan(setting, "main", q["methods"], q["models"], q["seeds"], args.alpha_rule, epochs=q["epochs"],
-                    train_samples=(q["train_samples"],))
+                    train_samples=(q["train_samples"],), curvature_fraction=args.curvature_fraction)
     else:
         dataset = ensure_full_dataset()
         runs = plan(setting, args.matrix, args.methods, args.models, args.seeds, args.alpha_rule, args.paths,
-                    args.epochs, args.train_samples)
+                    args.epochs, args.train_samples, args.curvature_fraction)
     run_matrix(runs, csv_path, dataset, args.threads, args.jobs)
 
 

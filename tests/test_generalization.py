@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))   # the study package and the scrip
 import generalization  # noqa: E402
 from study import paths  # noqa: E402
 from study.matrix import plan  # noqa: E402
-from study.report import SIGN_FLIP_DRAWS, sign_flip_p  # noqa: E402
+from study.report import SIGN_FLIP_DRAWS, report, sign_flip_p  # noqa: E402
 from study.results import COLUMNS, append_row, key, read_rows  # noqa: E402
 from study.sam import SAMTrainer  # noqa: E402
 from study.settings import (ALPHA_SCALES, BASELINES, BATCH_SIZE, DEFAULT_RULE, GAMMAS, METHODS, MODELS,  # noqa: E402
@@ -101,6 +101,36 @@ def test_an_old_format_csv_is_read_as_the_short_setting_and_upgraded_on_append(t
     assert list(upgraded[0]) == COLUMNS
     assert upgraded[:3] == rows                       # the old rows kept, in today's columns
     assert upgraded[3]["setting"] == "overfit" and upgraded[3]["mean_relative_step"] == "0.001"
+
+
+def test_a_row_without_curvature_fraction_reads_as_rho_1_and_the_key_differs_by_rho(tmp_path):
+    results = tmp_path / "before-rho.csv"
+    before = [c for c in COLUMNS if c != "curvature_fraction"]   # the layout before the study varied rho
+    run = Run("adamw", "engine", "full", "test_convnext", 0, 5, 2000, DEFAULT_RULE)
+    row = {**{c: "" for c in before}, **asdict(run), "device": "cpu test", "final_top1": 60.0}
+    del row["curvature_fraction"]
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=before)
+        writer.writeheader()
+        writer.writerow(row)
+    (read,) = read_rows(results)
+    assert float(read["curvature_fraction"]) == 1.0
+    # the run planned at rho 1 is that row (skipped); at rho 1/4 it is another run; baselines stay at rho 1
+    at = {rho: plan("adamw", "main", ("none", "sam", "full"), ("test_convnext",), (0,), DEFAULT_RULE,
+                    paths=("engine",), curvature_fraction=rho) for rho in (1.0, 0.25)}
+    keys = {rho: {r.method: key({"device": "cpu test", **asdict(r)}) for r in runs} for rho, runs in at.items()}
+    assert keys[1.0]["full"] == key(read) != keys[0.25]["full"]
+    assert {r.method: r.curvature_fraction for r in at[0.25]} == {"none": 1.0, "sam": 1.0, "full": 0.25}
+    assert keys[1.0]["none"] == keys[0.25]["none"] and keys[1.0]["sam"] == keys[0.25]["sam"]
+    # rho reaches the engine's TrainArgs; at rho 1 the options are what they were before
+    options = {rho: paths.train_options(next(r for r in runs if r.method == "full"), None, "")
+               for rho, runs in at.items()}
+    assert "curvature_fraction" not in options[1.0] and options[0.25]["curvature_fraction"] == 0.25
+    assert paths.train_args(at[0.25][-1], None, str(tmp_path)).curvature_fraction == 0.25
+    # appending rewrites the file in today's columns, the old row at rho 1
+    append_row(results, {**read, "seed": 1, "curvature_fraction": 0.25})
+    rewritten = read_csv(results)
+    assert list(rewritten[0]) == COLUMNS and [float(r["curvature_fraction"]) for r in rewritten] == [1.0, 0.25]
 
 
 def test_plan_covers_a_settings_paths_sizes_and_fc_only_beyond_the_head():
@@ -278,3 +308,32 @@ def test_sam_step_is_sgd_with_the_gradient_at_the_perturbed_weights(tmp_path):
         torch.testing.assert_close(p, expected, atol=1e-5, rtol=1e-4, msg=name)
     for (name, b), expected in zip(model.named_buffers(), ref.buffers()):
         torch.testing.assert_close(b, expected, msg=name)
+
+
+def test_runs_at_rho_below_1_enter_only_the_curvature_section(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = synthetic_rows()
+    plain, sampled = tmp_path / "plain.csv", tmp_path / "sampled.csv"
+    for row in rows:
+        append_row(plain, row)
+        append_row(sampled, row)
+    # underfit's fo on net_a at rho 1/4: +0.5, -0.25, +1.0 against rho 1 on seeds 0-2, 12 s a run (rho 1: 10 s);
+    # conv at rho 1/4 on seed 5, which rho 1 lacks: no pair
+    fo = {r["seed"]: r for r in rows if (r["setting"], r["method"], r["model"]) == ("underfit", "fo", "net_a")}
+    for seed, change in zip(range(3), (0.5, -0.25, 1.0)):
+        append_row(sampled, {**fo[seed], "curvature_fraction": 0.25, "wall_seconds": 12.0,
+                             "final_top1": fo[seed]["final_top1"] + change})
+    append_row(sampled, {**fo[0], "method": "conv", "seed": 5, "curvature_fraction": 0.25})
+    report(plain, tmp_path / "plain" / "g.md")
+    report(sampled, tmp_path / "sampled" / "g.md")
+    before = (tmp_path / "plain" / "g.md").read_text().split("\n")
+    after = (tmp_path / "sampled" / "g.md").read_text().split("\n")
+    section = after.index("## Curvature from a sample (rho)")
+    end = after.index("", section + 4)       # the heading, a blank line, the text, a blank line, the table
+    assert "Curvature" not in "\n".join(before)
+    # every other line is the same: the tables, verdicts, pooled tests and plot hold rho = 1 alone
+    assert after[3:section] + after[end + 1:] == before[3:]
+    table = after[section + 4:end]
+    assert len(table) == 3                   # the header, its rule and underfit's fo on net_a
+    assert table[2] == ("| underfit | engine | 1,000 | net_a | fo | optimizer | 0.25 | 3 | +0.42 ± 0.63 | 2 / 1 | "
+                        "0.500 | 82.42 ± 1.22 | 82.00 ± 0.92 | 12.0 ± 0.0 | 10.0 ± 0.0 |")

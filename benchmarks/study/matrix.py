@@ -16,8 +16,8 @@ from timm_mltp.selection import select_parameters
 
 from .paths import execute
 from .results import append_row, key, read_rows
-from .settings import (ALPHA_SCALES, BASELINES, DEFAULT_ALPHA_SCALE, DEFAULT_GAMMA, GAMMAS, SENSITIVITY_METHOD,
-                       SETTINGS, Run)
+from .settings import (ALPHA_SCALES, BASELINES, DEFAULT_ALPHA_SCALE, DEFAULT_CURVATURE_FRACTION, DEFAULT_GAMMA, GAMMAS,
+                       SENSITIVITY_METHOD, SETTINGS, Run)
 
 
 def device_name(threads: int) -> str:
@@ -42,15 +42,17 @@ def has_more_than_head(model_name: str) -> bool:
 
 
 def plan(setting: str, matrix: str, methods, models, seeds, alpha_rule: str, paths=None, epochs: int | None = None,
-         train_samples=None) -> list[Run]:
+         train_samples=None, curvature_fraction: float = DEFAULT_CURVATURE_FRACTION) -> list[Run]:
     """main: every path x training-set size x model x seed x method; sensitivity: gamma x alpha_scale of one
-    method on the first model, seed and size, through the engine. A cell planned twice is planned once."""
+    method on the first model, seed and size, through the engine. A cell planned twice is planned once.
+    curvature_fraction (rho) applies to the MLTP methods; none and sam take no H_i v and always have rho 1."""
     s = SETTINGS[setting]
     epochs, sizes, paths = epochs or s.epochs, train_samples or s.train_samples, paths or s.paths
 
     def run(path, method, model, seed, n, gamma=DEFAULT_GAMMA, alpha_scale=DEFAULT_ALPHA_SCALE):
         rule = "-" if method in BASELINES else alpha_rule
-        return Run(setting, path, method, model, seed, epochs, n, rule, gamma, alpha_scale)
+        rho = DEFAULT_CURVATURE_FRACTION if method in BASELINES else curvature_fraction
+        return Run(setting, path, method, model, seed, epochs, n, rule, gamma, alpha_scale, rho)
 
     runs = []
     if matrix in ("main", "all"):

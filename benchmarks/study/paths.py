@@ -39,6 +39,8 @@ def train_options(run: Run, dataset: Path | None, output: str) -> dict:
         optimizer["pretrained_path"] = str(backbone)
     if not setting.eval_every_epoch:
         optimizer["val_interval"] = run.epochs
+    if run.curvature_fraction != 1:   # rho = 1 (every earlier run): the options as they were, TrainArgs' default
+        optimizer["curvature_fraction"] = run.curvature_fraction
     return dict(model=run.model, dataset=None if dataset is None else str(dataset), img_size=IMG_SIZE,
                 max_train_samples=run.train_samples, scale=setting.scale, hflip=HFLIP, batch_size=setting.batch_size,
                 epochs=run.epochs, lr=setting.lr, clip_grad=setting.clip_grad,
@@ -92,6 +94,8 @@ def fit_hf_trainer(run: Run, dataset: Path | None, output: str) -> dict:
     train = apply_transforms(train, train_tf, data.image_column, data.label_column)
     test = apply_transforms(data.eval, eval_tf, data.image_column, data.label_column)
     rule = {} if run.method in BASELINES else {"mltp_alpha_rule": run.alpha_rule}
+    if run.curvature_fraction != 1:
+        rule["mltp_curvature_fraction"] = run.curvature_fraction
     # the Trainer's defaults, but for the setting's optimizer (its default: AdamW), lr and weight decay
     optimizer = {"optim": "sgd"} if setting.opt == "sgd" else {}
     if setting.weight_decay is not None:

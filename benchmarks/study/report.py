@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from .results import numeric, read_rows
-from .settings import (BASELINES, BATCH_SIZE, DEFAULT_ALPHA_SCALE, DEFAULT_GAMMA, DEFAULT_RULE, IMG_SIZE, METHODS,
-                       PATHS, SAM_RHO, SEEDS, SETTINGS)
+from .settings import (BASELINES, BATCH_SIZE, DEFAULT_ALPHA_SCALE, DEFAULT_CURVATURE_FRACTION, DEFAULT_GAMMA,
+                       DEFAULT_RULE, IMG_SIZE, METHODS, PATHS, SAM_RHO, SEEDS, SETTINGS)
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -33,10 +33,24 @@ def _order(items, known) -> list:
     return [x for x in known if x in items] + sorted(set(items) - set(known))
 
 
+def curvature_fraction(row: dict) -> float:
+    """The run's rho; rows from before the study varied it (no value) took H_i v on all of task i."""
+    rho = row.get("curvature_fraction", DEFAULT_CURVATURE_FRACTION)
+    rho = DEFAULT_CURVATURE_FRACTION if rho in ("", None) else float(rho)
+    return DEFAULT_CURVATURE_FRACTION if math.isnan(rho) else rho
+
+
+def full_curvature(row: dict) -> bool:
+    """Whether H_i v was taken on all of task i (rho = 1): only those runs enter the tables, verdicts, pooled
+    tests and plot; runs at rho < 1 appear in "Curvature from a sample" alone."""
+    return curvature_fraction(row) >= 1
+
+
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """(setting, path, training samples, epochs, device) -> runs: what must match for runs to be compared."""
+    """(setting, path, training samples, epochs, device) -> runs at rho = 1: what must match for runs to be
+    compared."""
     by_key = defaultdict(list)
-    for row in rows:
+    for row in filter(full_curvature, rows):
         by_key[row["setting"], row["path"], int(row["train_samples"]), int(row["epochs"]), row["device"]].append(row)
     settings, paths = _order({k[0] for k in by_key}, SETTINGS), _order({k[1] for k in by_key}, PATHS)
     return dict(sorted(by_key.items(), key=lambda kv: (settings.index(kv[0][0]), paths.index(kv[0][1]), kv[0][2],
@@ -46,7 +60,7 @@ def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
 def main_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
     """(model, method, alpha_rule) -> runs at the default gamma and alpha_scale, one per seed."""
     cells = defaultdict(list)
-    for row in rows:
+    for row in filter(full_curvature, rows):
         if row["gamma"] == DEFAULT_GAMMA and row["alpha_scale"] == DEFAULT_ALPHA_SCALE:
             cells[row["model"], row["method"], row["alpha_rule"]].append(row)
     return cells
@@ -330,12 +344,62 @@ def pooled_findings(rows: list[dict], level: float = 0.05) -> list[str]:
     return lines
 
 
+def curvature_pairs(rows: list[dict]) -> list[tuple[tuple, float, list[dict], list[dict]]]:
+    """(setting, path, train samples, epochs, device, model, method, alpha_rule), rho, runs at rho, runs at 1:
+    each MLTP cell run at rho < 1 and at rho = 1 (default gamma and alpha_scale), on the seeds both have, in
+    seed order; one entry per rho < 1."""
+    cells = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        default = row["gamma"] == DEFAULT_GAMMA and row["alpha_scale"] == DEFAULT_ALPHA_SCALE
+        if row["method"] not in BASELINES and default:
+            cell = (row["setting"], row["path"], int(row["train_samples"]), int(row["epochs"]), row["device"],
+                    row["model"], row["method"], row["alpha_rule"])
+            cells[cell][curvature_fraction(row)][int(row["seed"])] = row
+    settings = _order({c[0] for c in cells}, SETTINGS)
+    paths = _order({c[1] for c in cells}, PATHS)
+    methods = _order({c[6] for c in cells}, METHODS)
+    out = []
+    for cell in sorted(cells, key=lambda c: (settings.index(c[0]), paths.index(c[1]), c[2], c[3], c[4], c[5],
+                                             methods.index(c[6]), c[7])):
+        full = cells[cell].get(DEFAULT_CURVATURE_FRACTION, {})
+        for rho in sorted((r for r in cells[cell] if r < 1), reverse=True):
+            seeds = sorted(set(cells[cell][rho]) & set(full))
+            if seeds:
+                out.append((cell, rho, [cells[cell][rho][s] for s in seeds], [full[s] for s in seeds]))
+    return out
+
+
+def curvature_table(rows: list[dict]) -> list[str]:
+    """Per cell with runs at rho < 1 and rho = 1 on the same seeds: the paired top-1 difference (rho < 1 minus
+    rho = 1), its sign-flip p, and each side's mean top-1 and wall time."""
+    pairs = curvature_pairs(rows)
+    if not pairs:
+        return []
+
+    def spread(values, digits=2):
+        mean, std = mean_std(values)
+        return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+    lines = ["| setting | path | images | model | method | alpha rule | rho | pairs | top-1 (rho) - top-1 (1), "
+             "paired | better / worse | p (sign flip) | top-1 at rho | top-1 at 1 | wall s at rho | wall s at 1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (setting, path, n, _, _, model, method, rule), rho, sample, full in pairs:
+        diffs = [a["final_top1"] - b["final_top1"] for a, b in zip(sample, full)]
+        wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+        top1, wall = [[spread([r[c] for r in side], d) for side in (sample, full)]
+                      for c, d in (("final_top1", 2), ("wall_seconds", 1))]
+        lines.append(f"| {setting} | {path} | {n:,} | {model} | {method} | {rule} | {rho:g} | {len(diffs)} | "
+                     f"{difference(diffs)} | {wins} / {losses} | {p_value(sign_flip_p(diffs))} | "
+                     f"{top1[0]} | {top1[1]} | {wall[0]} | {wall[1]} |")
+    return lines
+
+
 def sensitivity_grids(rows: list[dict]) -> dict[tuple, dict[tuple, list[float]]]:
     """(model, method, alpha_rule) -> {(gamma, alpha_scale): final top-1 values}, where more than one cell was
     run. Only seeds that every cell has count: the default cell also holds the main matrix's other seeds,
     and comparing a 3-seed mean with 1-seed cells would mix seed noise into the grid."""
     grids = defaultdict(lambda: defaultdict(dict))
-    for row in rows:
+    for row in filter(full_curvature, rows):
         if row["method"] not in BASELINES:  # gamma and alpha do nothing for these
             name = (row["model"], row["method"], row["alpha_rule"])
             grids[name][row["gamma"], row["alpha_scale"]][row["seed"]] = row["final_top1"]
@@ -482,6 +546,17 @@ def report(csv_path: Path, doc: Path) -> None:
                   "AdamW since then), and every cell where the default lost more than the std of standard "
                   "training over seeds.", ""]
         lines += family_table(rows) + [""]
+    curvature = curvature_table(rows)
+    if curvature:
+        lines += ["## Curvature from a sample (rho)", "",
+                  "MLTP with `curvature_fraction` rho < 1 takes H_i v on a random rho-share of task i (g_i and the "
+                  "inner step keep all of it). Per cell run at rho < 1 and at rho = 1 (same setting, path, size, "
+                  "model, method, rule and device): the paired difference of final top-1 on the seeds both have "
+                  "(same initialisation, subset and data order), mean ± std over the pairs, the exact two-sided "
+                  "sign-flip p, and each side's mean ± std of top-1 and of wall time (training and evaluation). "
+                  "Runs at rho < 1 appear here only: every other table, verdict, pooled test and the plot hold "
+                  "rho = 1 alone.", ""]
+        lines += curvature + [""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     if plot(rows, png):
         lines += [f"![top-1 minus none's per seed, per setting]({png.name})", ""]

@@ -6,16 +6,16 @@ import math
 import os
 from pathlib import Path
 
-from .settings import BASELINES
+from .settings import BASELINES, DEFAULT_CURVATURE_FRACTION
 
 
 COLUMNS = ["device", "setting", "path", "method", "model", "seed", "epochs", "train_samples", "alpha_rule",
            "samples_seen", "optimizer_steps", "wall_seconds", "final_top1", "best_top1", "test_loss",
            "final_train_loss", "mean_grad_cosine", "mean_relative_step", "mean_update_ratio", "gamma", "alpha_scale",
-           "batch_size", "lr", "mean_second_order_share"]
+           "batch_size", "lr", "mean_second_order_share", "curvature_fraction"]
 TEXT_COLUMNS = ("device", "setting", "path", "method", "model", "alpha_rule")
 KEY_TYPES = {"device": str, "setting": str, "path": str, "method": str, "model": str, "seed": int, "epochs": int,
-             "train_samples": int, "alpha_rule": str, "gamma": float, "alpha_scale": float}
+             "train_samples": int, "alpha_rule": str, "gamma": float, "alpha_scale": float, "curvature_fraction": float}
 
 
 def key(row: dict) -> tuple:
@@ -24,9 +24,14 @@ def key(row: dict) -> tuple:
 
 def upgraded(row: dict) -> dict:
     """A row in today's columns. Rows written before issue 11 lack setting, path and alpha_rule: every one
-    of them was a `short` run through the engine, with alpha = lr (rule `lr`) for MLTP."""
-    before = {"setting": "short", "path": "engine", "alpha_rule": "-" if row["method"] in BASELINES else "lr"}
-    return {c: row[c] if row.get(c) is not None else before.get(c, "") for c in COLUMNS}
+    of them was a `short` run through the engine, with alpha = lr (rule `lr`) for MLTP. Rows written before
+    the study varied curvature_fraction took H_i v on all of task i: rho 1."""
+    before = {"setting": "short", "path": "engine", "alpha_rule": "-" if row["method"] in BASELINES else "lr",
+              "curvature_fraction": str(DEFAULT_CURVATURE_FRACTION)}
+    out = {c: row[c] if row.get(c) is not None else before.get(c, "") for c in COLUMNS}
+    if out["curvature_fraction"] == "":
+        out["curvature_fraction"] = before["curvature_fraction"]
+    return out
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -16,6 +16,7 @@ SENSITIVITY_METHOD = "full"
 GAMMAS = (0.25, 0.5, 0.75)
 ALPHA_SCALES = (0.25, 1.0, 4.0)                # a factor 4 each way of the default
 DEFAULT_GAMMA, DEFAULT_ALPHA_SCALE = 0.5, 1.0
+DEFAULT_CURVATURE_FRACTION = MLTPConfig.curvature_fraction   # rho = 1: H_i v on all of task i
 BATCH_SIZE, LR = 64, 0.05                      # B per task: 128 samples per optimizer step
 IMG_SIZE, HFLIP = 32, 0.5                      # 28x28 upsampled; the models' own default (160) would cost 25x more
 SAM_RHO = 0.05                                 # SAM's default radius (Foret et al. 2021)
@@ -141,3 +142,4 @@ class Run:
     alpha_rule: str                     # "-" for none and sam
     gamma: float = DEFAULT_GAMMA
     alpha_scale: float = DEFAULT_ALPHA_SCALE
+    curvature_fraction: float = DEFAULT_CURVATURE_FRACTION   # rho: H_i v on this share of task i; 1 for none and sam
