@@ -1,7 +1,9 @@
 """Cost of one MLTP step per training sample, relative to standard training.
 
 Standard training: one forward/backward on a batch of B. MLTP: `mltp_backward` on two batches of B
-(task i and task j). Ratio = (t_mltp / 2B) / (t_standard / B). All rows of a model are timed
+(task i and task j). Ratio = (t_mltp / 2B) / (t_standard / B). Row "standard on 2B" is one forward/backward
+on both tasks at once: below 1.00x where a pass's cost grows less than its batch (small images on a CPU,
+where each layer's cost is mostly its weights'), the peak memory an MLTP step is compared with. All rows of a model are timed
 interleaved in one process, so machine noise hits them alike; medians over repeats. Rows "rho 1/k" take
 H_i v on a random k-th of task i (curvature_fraction). Peak memory per row: on CUDA the most allocated
 during the step (torch.cuda.max_memory_allocated); on the CPU the process's peak resident set, which only
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 
 from timm_mltp import MLTPConfig, MLTPConfigError, mltp_backward
 
-ROWS = [  # (label, config); None is standard training
+STANDARD_2B = "standard on 2B"   # one forward/backward on both tasks at once: the same samples as an MLTP step
+ROWS = [  # (label, config); None is standard training on B, STANDARD_2B on 2B
     ("standard", None),
+    (STANDARD_2B, STANDARD_2B),
     ("none", MLTPConfig("none")),
     ("fo", MLTPConfig("fo")),
     ("fc, auto", MLTPConfig("fc")),
@@ -72,9 +76,11 @@ def step(model, cfg, task_i, task_j, device, amp: str = "no"):
     with autocast:
         if cfg is None:
             loss = ce(model, task_i) * scale
+        elif cfg == STANDARD_2B:
+            loss = ce(model, [torch.cat(parts) for parts in zip(task_i, task_j)]) * scale
         else:
             mltp_backward(model, task_i, task_j, ce, cfg, alpha=0.01, loss_scale=scale)
-    if cfg is None:
+    if cfg is None or cfg == STANDARD_2B:
         loss.backward()      # outside autocast, as in training
     sync(device)
     seconds = time.perf_counter() - start
@@ -86,6 +92,9 @@ def selected_rows(pattern: str | None):
     training always, as the base."""
     if not pattern:
         return ROWS
+    labels = [label for label, _ in ROWS]
+    if pattern.strip() in labels:      # a whole label: that row alone (labels contain commas)
+        return [(label, cfg) for label, cfg in ROWS if cfg is None or label == pattern.strip()]
     parts = [p.strip() for p in pattern.split(",")]
     return [(label, cfg) for label, cfg in ROWS if cfg is None or any(p in label for p in parts)]
 
@@ -134,6 +143,8 @@ def measure(name, args, device):
         per_sample = statistics.median(times[label]) / (b if cfg is None else 2 * b)
         print(f"| {label} | {per_sample / base:.2f}x | {1e3 * statistics.median(times[label]):.1f} | "
               f"{peaks[label] / 2**20:.0f} |")
+    if device.type == "cpu":   # with one row besides standard (--rows), the row's own peak
+        print(f"process peak RSS: {peak_rss() / 2**20:.0f} MiB")
 
 
 def main():
@@ -146,8 +157,9 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"], help="autocast dtype of every row")
     parser.add_argument("--rows", default=None, help="only rows whose label contains one of these comma-separated "
-                                                     "parts, e.g. 'exact,fo' (standard training always runs); on the "
-                                                     "CPU one row per process gives each its own peak RSS")
+                                                     "parts, e.g. 'exact,fo', or one whole label, e.g. 'full, exact' "
+                                                     "(standard training always runs); on the CPU one row per "
+                                                     "process gives each its own peak RSS")
     args = parser.parse_args()
     for name in args.models.split(","):
         measure(name.strip(), args, torch.device(args.device))

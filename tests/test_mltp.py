@@ -120,6 +120,30 @@ def test_fo_is_first_order_formula():
     assert stats.grad_cosine == pytest.approx(cos.item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("variant, gamma", [("none", 0.5), ("fo", 0.25), ("fo", 1.0)])
+def test_grad_cosine_in_float32_from_the_mix_is_the_dot_products(variant, gamma):
+    """none and fo take the cosine from the norms of g_i, g_j and their mix (no dot product): in float32 on a
+    timm model, where the two gradients are nearly orthogonal, it is the float64 dot product's to 1e-5."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_convnext", num_classes=10).train()
+    x = torch.randn(16, 3, 32, 32)
+    y = torch.randint(0, 10, (16,))
+    task_i, task_j = (x[:8], y[:8]), (x[8:], y[8:])
+    params = dict(model.named_parameters())
+    g_i = torch.autograd.grad(ce(model, task_i), list(params.values()))
+    at = params if variant == "none" else {n: (p - 0.05 * g).detach().requires_grad_()
+                                           for (n, p), g in zip(params.items(), g_i)}
+    g_j = torch.autograd.grad(ce(lambda t: functional_call(model, at, (t,)), task_j), list(at.values()))
+    a, b = [torch.cat([g.double().reshape(-1) for g in gs]) for gs in (g_i, g_j)]
+    expected = (a @ b / (a.norm() * b.norm())).item()
+    model.zero_grad(set_to_none=True)
+    stats = mltp_backward(model, task_i, task_j, ce, MLTPConfig(variant, gamma=gamma), alpha=0.05)
+    assert abs(expected) < 0.5
+    assert stats.grad_cosine == pytest.approx(expected, abs=1e-5)
+    mixed = {n: (1 - gamma) * gi + gamma * gj for n, gi, gj in zip(params, g_i, g_j)}
+    assert max_rel_err({n: p.grad for n, p in params.items()}, mixed) < 1e-5
+
+
 @pytest.mark.parametrize("second_order", ["exact", "fd"])
 def test_grad_cosine_is_that_of_the_two_gradients_on_s(second_order):
     """grad_cosine = cos(P_S g_i(w), P_S g_j(w')), by hand; the step reuses the norms the inner step took."""
@@ -459,3 +483,62 @@ def test_second_order_share_is_the_terms_share_of_the_gradient_on_s(second_order
     assert expected > 1e-3
     assert stats.second_order_share == pytest.approx(expected, rel=1e-6)
     assert grads_of(model, "fo")[1].second_order_share == 0.0
+
+
+class TiedNet(nn.Module):
+    """A linear layer whose weight a second one shares (as tied embeddings share theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.dec = nn.Linear(4, 4, bias=False)
+        self.dec.weight = self.enc.weight
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+def test_evaluated_at_swaps_tied_weights_everywhere_and_restores_them():
+    """The model evaluated at other parameters through kept holders is functional_call's, tied weights
+    included; every parameter is back afterwards, also after an exception; stale holders are refused."""
+    from timm_mltp.passes import evaluated_at, parameter_holders
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    other = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    assert set(other) == {"enc.weight", "enc.bias", "out.weight", "out.bias"}     # dec.weight is enc.weight
+    originals = dict(model.named_parameters())
+    holders = parameter_holders(model, list(other))
+    for _ in range(2):
+        with evaluated_at(model, other, holders) as at:
+            got = at(x)
+        assert torch.equal(got, functional_call(model, other, (x,), tie_weights=True))
+        assert all(p is originals[n] for n, p in model.named_parameters())
+    with pytest.raises(ValueError), evaluated_at(model, other, holders):
+        raise ValueError
+    assert model.dec.weight is model.enc.weight is originals["enc.weight"]
+    model.out.weight = nn.Parameter(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no longer holds"), evaluated_at(model, other, holders):
+        pass
+    assert model.enc.weight is originals["enc.weight"] and not model.out.weight.any()
+
+
+def test_a_replaced_module_is_seen_by_the_next_step():
+    """MLTP's kept holders live with its plan: replacing a module (new parameters) rebuilds them, and fo's
+    step on the new module equals one computed by hand."""
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    task_i, task_j = (torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])), \
+        (torch.randn(6, 4, dtype=torch.float64), torch.tensor([2, 1, 0, 2, 1, 0]))
+    mltp_backward(model, task_i, task_j, ce, MLTPConfig("fo"), alpha=0.1)
+    model.out = nn.Linear(4, 3).double()
+    model.zero_grad(set_to_none=True)
+    mltp_backward(model, task_i, task_j, ce, MLTPConfig("fo"), alpha=0.1)
+    params = dict(model.named_parameters())
+    g_i = torch.autograd.grad(ce(model, task_i), list(params.values()))
+    shifted = {n: (p - 0.1 * g).detach().requires_grad_() for (n, p), g in zip(params.items(), g_i)}
+    g_j = torch.autograd.grad(ce(lambda t: functional_call(model, shifted, (t,), tie_weights=True), task_j),
+                              list(shifted.values()))
+    for (n, p), a, b in zip(params.items(), g_i, g_j):
+        torch.testing.assert_close(p.grad, 0.5 * a + 0.5 * b, rtol=1e-12, atol=1e-12)
