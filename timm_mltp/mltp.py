@@ -299,8 +299,7 @@ class _Step:
         w_s = [self.plan.params[k] for k in self.plan.s_index]
         n = len(s_names)
         # ||P_S g_i||, ||w_S|| and ||g_i|| outside S per tensor: one fused pass, one sync
-        norms = torch.stack(torch._foreach_norm([g.detach() for g in g_s] + [w.detach() for w in w_s] +
-                                                [g.detach() for g in g_rest])).double().tolist()
+        norms = _norms([*g_s, *w_s, *g_rest]).double().tolist()
         g_norms = dict(zip(s_names, (x / self.scale for x in norms[:n])))
         w_norms = dict(zip(s_names, norms[n:2 * n]))
         kwargs = {}
@@ -415,16 +414,18 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _norms(a: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(torch._foreach_norm(a))
+    """The norm of each tensor, one fused call, outside any graph (no detach per tensor)."""
+    with torch.no_grad():
+        return torch.stack(torch._foreach_norm(a))
 
 
 def _cosine(a, b, a_norm: float | None = None, b_norms: torch.Tensor | None = None) -> torch.Tensor:
     """cos(a, b). ||a|| and b's per-tensor norms where a caller has them already: on a large model each norm
     is a pass over every parameter, as long as the rest of the step's vector arithmetic."""
-    a, b = [x.detach() for x in a], [x.detach() for x in b]
     a_norm = _norms(a).norm() if a_norm is None else a_norm
     b_norm = (_norms(b) if b_norms is None else b_norms).norm()
-    return _dot(a, b) / (a_norm * b_norm).clamp_min(1e-30)
+    with torch.no_grad():
+        return _dot(a, b) / (a_norm * b_norm).clamp_min(1e-30)
 
 
 def _mix(a: list[torch.Tensor], b: list[torch.Tensor], gamma: float, a_norm: float | None = None) -> torch.Tensor:
@@ -437,10 +438,10 @@ def _mix(a: list[torch.Tensor], b: list[torch.Tensor], gamma: float, a_norm: flo
         cosine = _cosine(a, b, a_norm)
         torch._foreach_lerp_(a, b, gamma)
         return cosine
-    a_norm = _norms([x.detach() for x in a]).norm() if a_norm is None else a_norm
-    b_norm = _norms([x.detach() for x in b]).norm()
+    a_norm = _norms(a).norm() if a_norm is None else a_norm
+    b_norm = _norms(b).norm()
     torch._foreach_lerp_(a, b, gamma)
-    m_norm = _norms([x.detach() for x in a]).norm()
+    m_norm = _norms(a).norm()
     a_sq, b_sq, m_sq = (torch.as_tensor(x, dtype=torch.float64, device=m_norm.device) ** 2
                         for x in (a_norm, b_norm, m_norm))
     dot = (m_sq - (1 - gamma) ** 2 * a_sq - gamma ** 2 * b_sq) / (2 * gamma * (1 - gamma))
@@ -459,9 +460,29 @@ def _inner_step(params, grads, alphas, scale, out=None, sign: float = 1.0):
     if out is None:
         return [moved(p, g, a) for p, g, a in zip(params, grads, alphas)]
     with torch.no_grad():
-        for p, g, a, o in zip(params, grads, alphas, out):
-            moved(p, g, a, o)
+        if not _fused_inner_step(params, grads, alphas, -sign / scale, out):
+            for p, g, a, o in zip(params, grads, alphas, out):
+                moved(p, g, a, o)
     return out
+
+
+def _fused_inner_step(params, grads, alphas, factor: float, out) -> bool:
+    """out = params + factor * alpha * grads in two fused calls instead of a Python loop, where the tensors are
+    mostly small (the loop's per-tensor cost exceeds a second pass over them) and alpha is all floats or all
+    tensors; False where it did nothing."""
+    if sum(p.numel() for p in params) >= _DOT_SMALL * len(params):
+        return False
+    tensors = sum(isinstance(a, torch.Tensor) for a in alphas)
+    if tensors not in (0, len(alphas)):
+        return False
+    torch._foreach_copy_(out, params)
+    if tensors:
+        torch._foreach_addcmul_(out, alphas, grads, value=factor)
+    elif len(set(alphas)) == 1:
+        torch._foreach_add_(out, grads, alpha=factor * alphas[0])
+    else:
+        torch._foreach_add_(out, torch._foreach_mul(grads, [factor * a for a in alphas]))
+    return True
 
 
 def _replace(params: list, positions: list[int], values: list) -> list:

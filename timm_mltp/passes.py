@@ -59,7 +59,10 @@ def parameter_holders(model: nn.Module, names) -> Holders:
 @contextlib.contextmanager
 def frozen_running_stats(model: nn.Module, frozen: bool = True):
     """Normalise with batch statistics as usual, but leave running statistics untouched."""
-    norms = [m for m in model.modules() if frozen and isinstance(m, nn.modules.batchnorm._NormBase)
+    if not frozen:
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
              and m.training and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
