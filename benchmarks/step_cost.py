@@ -41,6 +41,8 @@ ROWS = [  # (label, config); None is standard training on B, STANDARD_2B on 2B
     ("full, exact", MLTPConfig("full", second_order="exact")),
     *((f"full, {method}, rho 1/{k}", MLTPConfig("full", second_order=method, curvature_fraction=1 / k))
       for method in ("exact", "fd") for k in (2, 4, 8)),
+    ("conv, exact", MLTPConfig("conv", second_order="exact")),
+    ("conv, exact, rho 1/4", MLTPConfig("conv", second_order="exact", curvature_fraction=1 / 4)),
 ]
 
 

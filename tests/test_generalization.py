@@ -337,3 +337,21 @@ def test_runs_at_rho_below_1_enter_only_the_curvature_section(tmp_path):
     assert len(table) == 3                   # the header, its rule and underfit's fo on net_a
     assert table[2] == ("| underfit | engine | 1,000 | net_a | fo | optimizer | 0.25 | 3 | +0.42 ± 0.63 | 2 / 1 | "
                         "0.500 | 82.42 ± 1.22 | 82.00 ± 0.92 | 12.0 ± 0.0 | 10.0 ± 0.0 |")
+
+
+def test_pooled_cells_name_the_adaptive_default_preconditioned_and_count_a_seed_once():
+    """Under AdamW `optimizer` runs are `preconditioned` ones: the pooled tables merge them by seed (the
+    `preconditioned` run kept where both exist), and leave the SGD families' cells alone."""
+    from study.report import ADAPTIVE, pooled_cells
+
+    def row(method, rule, seed, top1):
+        return {"model": "m", "method": method, "alpha_rule": rule, "seed": seed, "final_top1": top1,
+                "gamma": 0.5, "alpha_scale": 1.0, "curvature_fraction": 1.0}
+
+    runs = [row("none", "-", s, 60.0) for s in (0, 1)] + [
+        row("full", "preconditioned", 0, 61.0), row("full", DEFAULT_RULE, 0, 99.0), row("full", DEFAULT_RULE, 1, 62.0),
+        row("conv", DEFAULT_RULE, 1, 63.0)]
+    cells = pooled_cells(runs, ADAPTIVE)
+    assert sorted(cells) == [("m", "conv", "preconditioned"), ("m", "full", "preconditioned"), ("m", "none", "-")]
+    assert sorted((r["seed"], r["final_top1"]) for r in cells["m", "full", "preconditioned"]) == [(0, 61.0), (1, 62.0)]
+    assert ("m", "full", DEFAULT_RULE) in pooled_cells(runs, "SGD + momentum")

@@ -241,20 +241,37 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 # pooled besides the default: the rules issue 16 compared under AdamW (`update` was the default there until then)
 POOLED_RULES = ("-", DEFAULT_RULE, "preconditioned", "update")
+ADAPTIVE = "adaptive (AdamW)"
 
 
 def optimizer_family(group: tuple) -> str:
     """The optimizer a group's runs stepped with: the engine's SGD has momentum, the Trainer's `sgd` has none."""
     setting = SETTINGS.get(group[0])
     if setting is not None and setting.opt != "sgd":
-        return "adaptive (AdamW)"
+        return ADAPTIVE
     return "SGD" if group[1] == "hf-trainer" else "SGD + momentum"
 
 
 # the default rule's rows per family: under AdamW `optimizer` preconditions (since issue 16), as the study's
 # `preconditioned` rows do; its rows under AdamW before that are labelled `update`
 FAMILY_DEFAULT = {"SGD": (DEFAULT_RULE,), "SGD + momentum": (DEFAULT_RULE,),
-                  "adaptive (AdamW)": (DEFAULT_RULE, "preconditioned")}
+                  ADAPTIVE: ("preconditioned",)}
+
+
+def pooled_cells(runs: list[dict], family: str) -> dict[tuple, list[dict]]:
+    """`main_cells` for the pooled tables: under an adaptive optimizer the default rule's cells are named
+    `preconditioned` (what it does there since issue 16), and a seed run under both names counts once (the
+    `preconditioned` run), so that no pair enters a pooled test twice."""
+    cells = main_cells(runs)
+    if family != ADAPTIVE:
+        return cells
+    merged = {cell: rows for cell, rows in cells.items() if cell[2] != DEFAULT_RULE}
+    for (model, method, rule), rows in cells.items():
+        if rule == DEFAULT_RULE:
+            target = (model, method, "preconditioned")
+            seen = {r["seed"] for r in merged.get(target, [])}
+            merged[target] = merged.get(target, []) + [r for r in rows if r["seed"] not in seen]
+    return merged
 
 
 def pooled_differences(rows: list[dict], by_family: bool = False) -> dict[tuple, dict[str, list[float]]]:
@@ -265,8 +282,8 @@ def pooled_differences(rows: list[dict], by_family: bool = False) -> dict[tuple,
     for group, runs in groups(rows).items():
         if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
             continue
-        cells = main_cells(runs)
         family = optimizer_family(group)
+        cells = pooled_cells(runs, family)
         for cell in cells:
             if cell[1] == "none" or cell[2] not in (POOLED_RULES if not by_family else ("-",) + FAMILY_DEFAULT[family]):
                 continue
@@ -293,7 +310,8 @@ def family_table(rows: list[dict]) -> list[str]:
     for group, runs in groups(rows).items():
         if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
             continue
-        cells, family = main_cells(runs), optimizer_family(group)
+        family = optimizer_family(group)
+        cells = pooled_cells(runs, family)
         for cell in cells:
             if cell[1] in BASELINES or cell[2] not in FAMILY_DEFAULT[family] or (cell[0], "none", "-") not in cells:
                 continue
@@ -391,6 +409,15 @@ def curvature_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {setting} | {path} | {n:,} | {model} | {method} | {rule} | {rho:g} | {len(diffs)} | "
                      f"{difference(diffs)} | {wins} / {losses} | {p_value(sign_flip_p(diffs))} | "
                      f"{top1[0]} | {top1[1]} | {wall[0]} | {wall[1]} |")
+    for rho in sorted({rho for _, rho, _, _ in pairs}, reverse=True):
+        diffs = [a["final_top1"] - b["final_top1"] for _, r, sample, full in pairs if r == rho
+                 for a, b in zip(sample, full)]
+        mean, std = mean_std(diffs)
+        half = 1.96 * std / math.sqrt(len(diffs)) if std is not None else math.nan
+        lines.append(f"\n- rho {rho:g}, every cell pooled: {difference(diffs)} over {len(diffs)} pairs "
+                     f"({sum(d > 0 for d in diffs)} better, {sum(d < 0 for d in diffs)} worse), sign-flip p "
+                     f"{p_value(sign_flip_p(diffs))}; normal 95 % interval of the mean {mean - half:+.2f} to "
+                     f"{mean + half:+.2f}.")
     return lines
 
 
