@@ -332,7 +332,11 @@ def test_runs_at_rho_below_1_enter_only_the_curvature_section(tmp_path):
     end = after.index("", section + 4)       # the heading, a blank line, the text, a blank line, the table
     assert "Curvature" not in "\n".join(before)
     # every other line is the same: the tables, verdicts, pooled tests and plot hold rho = 1 alone
-    assert after[3:section] + after[end + 1:] == before[3:]
+    pooled = after[end + 1]                  # the pooled line of each rho, after a blank line
+    assert after[3:section] + after[end + 3:] == before[3:]
+    # by hand: mean 0.417 and std 0.629 of (0.5, -0.25, 1.0); 1.96 * 0.629 / sqrt(3) = 0.712
+    assert pooled == ("- rho 0.25, every cell pooled: +0.42 ± 0.63 over 3 pairs (2 better, 1 worse), sign-flip p "
+                      "0.500; normal 95 % interval of the mean -0.30 to +1.13.")
     table = after[section + 4:end]
     assert len(table) == 3                   # the header, its rule and underfit's fo on net_a
     assert table[2] == ("| underfit | engine | 1,000 | net_a | fo | optimizer | 0.25 | 3 | +0.42 ± 0.63 | 2 / 1 | "
