@@ -431,9 +431,9 @@ def _cosine(a, b, a_norm: float | None = None, b_norms: torch.Tensor | None = No
 def _mix(a: list[torch.Tensor], b: list[torch.Tensor], gamma: float, a_norm: float | None = None) -> torch.Tensor:
     """(1-gamma) a + gamma b, written into a, and cos(a, b) from three norms instead of a dot product:
     ||m||^2 = (1-gamma)^2 ||a||^2 + gamma^2 ||b||^2 + 2 gamma (1-gamma) <a, b> for the mix m. Fused norms
-    read each vector once; a dot product reads two and on a CPU is a Python loop over the tensors, the largest
-    elementwise cost of fo and none on a model of 100 small tensors. In float64 from float32 norms the
-    cosine is off by ~1e-6 relative to ||a|| ||b|| (tests/test_mltp.py)."""
+    read each vector once; a dot product reads two, in a Python loop over the tensors (quiet CPU, the cosine's
+    part besides ||a||: 0.74 -> 0.44 ms on test_convnext, 5.3 -> 4.2 ms on resnet18). In float64 from float32
+    norms the cosine is off by ~1e-6 relative to ||a|| ||b|| (tests/test_mltp.py)."""
     if not 0 < gamma < 1:               # the mix is a or b: no <a, b> in its norm
         cosine = _cosine(a, b, a_norm)
         torch._foreach_lerp_(a, b, gamma)

@@ -23,8 +23,8 @@ def evaluated_at(model: nn.Module, params: dict[str, torch.Tensor], holders: Hol
     (`module(x)`, `module.forward_features(x)`, `module.fc`) and always sees the replaced parameters.
     The swap is `torch.func.functional_call`'s (`module._parameters[name] = tensor`, in every module a tied
     parameter is registered in). `holders`: `parameter_holders(model, params)`, kept by a caller that knows
-    the model's parameters are still those objects; looking them up is most of functional_call's cost, ~2 ms
-    a pass on a model of 100 tensors (7 % of a test model's MLTP step).
+    the model's parameters are still those objects; looking them up is most of functional_call's cost (quiet
+    CPU: 0.4-0.5 ms a pass on test_convnext, test_resnet and resnet18; 0.02 ms with kept holders).
     """
     if holders is None:
         with torch.nn.utils.stateless._reparametrize_module(model, params, tie_weights=True, strict=False):
