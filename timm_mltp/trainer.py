@@ -70,7 +70,8 @@ class MLTPTrainingArguments(TrainingArguments):
         "Rule relative: the inner step's length relative to the weights of S, ||alpha P_S g_i|| / ||w_S||.")})
     mltp_curvature_fraction: float = field(default=1.0, metadata={"help": (
         "Exact and fd: the Hessian-vector product H_i v from this random fraction of task i, in (0, 1]; 1 takes "
-        "all of it.")})
+        "all of it. 0.25 roughly halves exact's cost where a pass costs in proportion to its batch (GPUs, larger "
+        "images; README, Curvature from a sample).")})
     mltp_second_order: str = field(default="auto", metadata={"help": (
         "auto | exact (double backward) | fd (finite differences, for kernels without double backward).")})
     mltp_bn_update: str = field(default="both", metadata={"help": (
