@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU numbers for the README (issue 9, item 4; issue 17), in one run of under 9 minutes on one GPU:
-#   1. step cost and peak memory (torch.cuda.max_memory_allocated) per variant, and of exact and fd with
-#      H_i v on a sample (curvature_fraction 1/2, 1/4, 1/8): resnet50, 224 px, B=64, bf16 and fp16
-#      (benchmarks/step_cost.py)
+#   1. step cost and peak memory (torch.cuda.max_memory_allocated) per variant, standard training on 2B (the
+#      memory baseline), and exact and fd with H_i v on a sample (full: curvature_fraction 1/2, 1/4, 1/8;
+#      conv exact: 1/4): resnet50, 224 px, B=64, bf16 and fp16 (benchmarks/step_cost.py; on the CPU rho = 1/4
+#      pays only where a pass costs in proportion to its batch, README "Cost per training sample")
 #   2. the default recipe for one epoch, in bf16 and in fp16 (recipes/train.py)
 #   3. MLTPTrainer for a few steps in bf16 (examples/trainer_finetune.py)
 # Tables and logs go to benchmarks/results/device/ (and to $OUT/ where the device tool sets it).
