@@ -120,12 +120,14 @@ def test_fo_is_first_order_formula():
     assert stats.grad_cosine == pytest.approx(cos.item(), rel=1e-6)
 
 
-@pytest.mark.parametrize("variant, gamma", [("none", 0.5), ("fo", 0.25), ("fo", 1.0)])
-def test_grad_cosine_in_float32_from_the_mix_is_the_dot_products(variant, gamma):
-    """none and fo take the cosine from the norms of g_i, g_j and their mix (no dot product): in float32 on a
-    timm model, where the two gradients are nearly orthogonal, it is the float64 dot product's to 1e-5."""
+@pytest.mark.parametrize("name, variant, gamma", [("test_convnext", "none", 0.5), ("test_convnext", "fo", 0.25),
+                                                   ("test_convnext", "fo", 1.0), ("test_resnet", "fo", 0.5)])
+def test_grad_cosine_in_float32_from_the_mix_is_the_dot_products(name, variant, gamma):
+    """none and fo take the cosine from the norms of g_i, g_j and their mix (no dot product): in float32 on
+    timm models (GELU/LayerNorm; ReLU/max-pool/BatchNorm), where the two gradients are nearly orthogonal, it is
+    the float64 dot product's to 1e-5."""
     torch.manual_seed(0)
-    model = timm.create_model("test_convnext", num_classes=10).train()
+    model = timm.create_model(name, num_classes=10).train()
     x = torch.randn(16, 3, 32, 32)
     y = torch.randint(0, 10, (16,))
     task_i, task_j = (x[:8], y[:8]), (x[8:], y[8:])

@@ -274,16 +274,21 @@ def pooled_cells(runs: list[dict], family: str) -> dict[tuple, list[dict]]:
     return merged
 
 
+def pooled_groups(rows: list[dict]):
+    """(group, optimizer family, `pooled_cells`) of every group of the current settings: what the pooled
+    tables read."""
+    for group, runs in groups(rows).items():
+        if group[0] in SETTINGS and SETTINGS[group[0]].pooled:
+            family = optimizer_family(group)
+            yield group, family, pooled_cells(runs, family)
+
+
 def pooled_differences(rows: list[dict], by_family: bool = False) -> dict[tuple, dict[str, list[float]]]:
     """(model, method, alpha_rule) -> {"none": [...], "sam": [...]}: the paired differences of every group of
     the current settings, pooled (by_family: keyed (family, model, method) over the family's default rule). Each
     difference still pairs two runs of one group and seed."""
     pooled = defaultdict(lambda: defaultdict(list))
-    for group, runs in groups(rows).items():
-        if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
-            continue
-        family = optimizer_family(group)
-        cells = pooled_cells(runs, family)
+    for _, family, cells in pooled_groups(rows):
         for cell in cells:
             if cell[1] == "none" or cell[2] not in (POOLED_RULES if not by_family else ("-",) + FAMILY_DEFAULT[family]):
                 continue
@@ -307,11 +312,7 @@ def family_table(rows: list[dict]) -> list[str]:
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(diffs)} | {fmt(diffs)} | {wins} / {losses} | "
                          f"{p_value(sign_flip_p(diffs))} |")
     worse = []
-    for group, runs in groups(rows).items():
-        if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
-            continue
-        family = optimizer_family(group)
-        cells = pooled_cells(runs, family)
+    for group, family, cells in pooled_groups(rows):
         for cell in cells:
             if cell[1] in BASELINES or cell[2] not in FAMILY_DEFAULT[family] or (cell[0], "none", "-") not in cells:
                 continue
