@@ -18,3 +18,4 @@ trainer.optimizer.optimizer.step = lambda *a, **k: seen.update(
 trainer.train_step(batch)
 torch.save({"batch": batch, "initial": initial, "grads": seen, "world": trainer.accelerator.num_processes},
            f"{out}/rank{rank}.pt")
+trainer.accelerator.end_training()   # leave the process group: a gloo process that exits inside one can abort at exit

@@ -122,7 +122,8 @@ def test_rho_one_is_the_gradient_of_the_code_before(make, second_order, scheme, 
         after = []
         for mltp, cfg in ((before, before.MLTPConfig(variant, second_order=second_order, fd_scheme=scheme)),
                           (timm_mltp.mltp, MLTPConfig(variant, second_order=second_order, fd_scheme=scheme,
-                                                      curvature_fraction=1.0))):
+                                                      curvature_fraction=1.0,       # the code before timed auto
+                                                      auto_timing=second_order == "auto"))):
             m = copy.deepcopy(model)
             torch.manual_seed(5)
             stats = mltp.mltp_backward(m, task_i, task_j, ce, cfg, alpha)
@@ -233,7 +234,7 @@ def test_auto_measures_with_the_sample_and_leaves_a_plain_step(speedup, chosen, 
     monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", speedup)
     model = smooth_net_without_bn()
     plain = copy.deepcopy(model)
-    auto, stats = gradient(model, *tasks(), curvature_fraction=0.5)
+    auto, stats = gradient(model, *tasks(), curvature_fraction=0.5, auto_timing=True)
     check = second_order_check(model, MLTPConfig(gamma=0.4, curvature_fraction=0.5))
     assert stats.second_order == chosen == check.choice and check.fd_error < 1e-4
     expected, plain_stats = gradient(plain, *tasks(), second_order=chosen, curvature_fraction=0.5)

@@ -267,17 +267,18 @@ def test_fd_matches_exact_on_timm_model_with_dropout_and_batchnorm(scheme, tol):
 
 def test_auto_keeps_fd_only_where_it_is_accurate_and_faster(monkeypatch):
     """auto measures both on its first step. ReLU/max-pool: fd steps across kinks, exact whatever fd costs.
-    ViT (fused attention, run on the math backend for exact): fd is accurate, and kept where it is faster."""
+    ViT (fused attention, run on the math backend for exact): fd is accurate, and kept where it is faster when
+    asked to time (auto_timing); by default nothing is timed and exact is kept, whatever a clock would say."""
     resnet = timm_with_dropout("test_resnet")
     monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", math.inf)       # fd counts as faster: accuracy decides
-    _, stats = run_seeded(resnet, MLTPConfig("full"))
+    _, stats = run_seeded(resnet, MLTPConfig("full", auto_timing=True))
     assert stats.second_order == "exact" == second_order_in_use(resnet, MLTPConfig("full"))
     vit = timm_with_dropout("test_vit")
     state = copy.deepcopy(vit.state_dict())
-    for speedup, expected in ((math.inf, "fd"), (0.0, "exact")):
+    for speedup, timing, expected in ((math.inf, True, "fd"), (0.0, True, "exact"), (math.inf, False, "exact")):
         monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", speedup)
         model = copy.deepcopy(vit)                                     # a model auto has not measured
-        auto, stats = run_seeded(model, MLTPConfig("full"))
+        auto, stats = run_seeded(model, MLTPConfig("full", auto_timing=timing))
         assert stats.second_order == expected == second_order_in_use(model, MLTPConfig("full"))
         model.load_state_dict(state)
         plain, _ = run_seeded(model, MLTPConfig("full", second_order=expected))

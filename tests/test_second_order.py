@@ -93,19 +93,21 @@ REFERENCES = {"test_resnet": copy.deepcopy, "mobilenetv3_small_050": with_compos
               "test_vit": with_eager_attention}
 
 
-@pytest.mark.parametrize("faster", [math.inf, 0.0], ids=["fd-counts-faster", "fd-never-faster"])
+@pytest.mark.parametrize("faster", [math.inf, 0.0, None], ids=["fd-counts-faster", "fd-never-faster", "untimed"])
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_auto_delivers_the_exact_gradient(name, faster, fd_speed):
     """float64, brute-force reference (test_mltp.reference_grad) on a copy with a double backward of its own.
     ReLU/max-pool and hard-swish: fd steps across kinks, auto runs exact whatever fd costs. ViT: fd is
-    within tolerance, and auto keeps it where it is faster."""
-    fd_speed(faster)
+    within tolerance, and auto keeps it where it is faster, when asked to time (auto_timing); untimed (the
+    default), exact."""
+    if faster is not None:
+        fd_speed(faster)
     model = timm_model(name, torch.float64)
     tasks = image_tasks(torch.float64)
     s_names = select_parameters(model, "full")
     reference, _ = reference_grad(REFERENCES[name](model), *tasks, s_names, 0.05, 0.5)
     expected = torch.cat([reference[n].flatten() for n, _ in model.named_parameters()])
-    got, stats = mltp_grads(model, MLTPConfig("full"), tasks)
+    got, stats = mltp_grads(model, MLTPConfig("full", auto_timing=faster is not None), tasks)
     check = second_order_check(model, MLTPConfig("full"))
     assert stats.second_order == check.choice == second_order_in_use(model, MLTPConfig("full"))
     assert check.exact == "ok"
@@ -216,7 +218,7 @@ def test_auto_first_step_is_a_plain_step_of_the_chosen_method(faster, chosen, fd
     plain = copy.deepcopy(auto)
     tasks = image_tasks()
     after = {}
-    for model, cfg in ((auto, MLTPConfig("full")), (plain, MLTPConfig("full", second_order=chosen))):
+    for model, cfg in ((auto, MLTPConfig("full", auto_timing=True)), (plain, MLTPConfig("full", second_order=chosen))):
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         torch.manual_seed(123)

@@ -238,7 +238,8 @@ def test_a_step_with_alpha_zero_settles_nothing(monkeypatch):
     monkeypatch.setattr(timm_mltp.auto, "FD_SPEEDUP", 1e9)   # fd wherever it is accurate: the smooth net below
     model = small_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    step = MLTPStep(Accelerator(cpu=True), model, optimizer, MLTPConfig("full", alpha_rule="lr"), ce)
+    step = MLTPStep(Accelerator(cpu=True), model, optimizer, MLTPConfig("full", alpha_rule="lr", auto_timing=True),
+                    ce)
     batch = lambda seed: tuple(torch.cat(parts) for parts in zip(*tasks(seed=seed)))   # noqa: E731
     step.pair(batch(1))
     assert step.cfg.second_order == "auto" and second_order_in_use(model, MLTPConfig("full")) == "auto"

@@ -40,6 +40,7 @@ def main(out):
     trainer.add_callback(SaveAfterStep(trainer, out))
     assert trainer.args.world_size == 2, trainer.args.world_size
     trainer.train()
+    trainer.accelerator.end_training()   # leave the process group: a gloo process that exits inside one can abort
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """How `auto` decides between exact and fd, and how fd is checked for kinks (SPEC.md, Two ways to get the
 second order: kinks, auto).
 
-    probe        auto's first step that can tell: exact and fd from the same state, fd's kink detector, and
-                 where fd is accurate, one warm step of each, timed; keeps fd only within FD_TOLERANCE of exact,
-                 free of kinks and faster (FD_SPEEDUP)
+    probe        auto's first step that can tell: exact and fd from the same state and fd's kink detector;
+                 keeps exact wherever double backward works, fd where it does not. Only on request
+                 (`MLTPConfig.auto_timing`): where fd is accurate (within FD_TOLERANCE of exact, free of kinks),
+                 one warm step of each, timed, and fd kept where faster (FD_SPEEDUP)
     checked_fd   second_order='fd', first step that can tell: the kink detector alone
     report       one log line per measurement: info where the second order is trustworthy, else a warning
 
@@ -11,6 +12,11 @@ Both measure one MLTP step as `timm_mltp.mltp` runs it, through the step object 
 `step.fd_terms`, `step.fd_gradient`, `step.hessian_vector_product`, `step.left`, `step.restore`), with the
 curvature fraction in force: exact and fd draw the same sample of task i, because the random state is
 restored between them.
+
+Reproducible by default: the choice follows from the model, the selection and the numbers of the first step,
+never from a clock, so a seeded run is the same run whatever else the machine is doing. A timed choice
+(`auto_timing=True`) can differ between two runs of one seed, on a loaded machine or near FD_SPEEDUP; the
+choice is then made on process 0, recorded with the run and kept on resume (step.py).
 """
 from __future__ import annotations
 
@@ -31,8 +37,8 @@ _logger = logging.getLogger("timm_mltp")
 # all trainable parameters, first step). Smooth timm models, float32: 6e-4 to 2e-2; ReLU / max-pool / hard-swish
 # networks: 0.3 to 50 at any step size, except on a step that happens to cross no kink (then the detector).
 FD_TOLERANCE = 0.05
-# ... and only where one fd step takes less than this times one exact step: fd is the approximation, and one
-# timing of each (warm) varies by 20% on a busy machine.
+# ... and, when the user asks for a timed choice (auto_timing), only where one fd step takes less than this times
+# one exact step: fd is the approximation, and one timing of each (warm) varies by 20% on a busy machine.
 FD_SPEEDUP = 0.8
 # fd's forward and central estimates of H_i v (each at its default step) differ by more than this: the steps
 # cross kinks. Smooth timm models: 6e-4 to 4e-2; kinked ones: 0.5 and more (README, benchmarks/second_order.py).
@@ -48,7 +54,7 @@ class SecondOrderCheck:
     exact: str             # ok | not tried | why double backward fails even with timm_mltp.double_backward
     fd_error: float        # ||gamma (H_i v by fd - H_i v exact)|| / ||gamma H_i v exact||; nan without exact
     disagreement: float    # ||H_i v forward - H_i v central|| / ||H_i v central||: fd across kinks
-    exact_seconds: float   # one exact step, warm; nan where not timed (speed decides only where fd is accurate)
+    exact_seconds: float   # one exact step, warm; nan where not timed (only with auto_timing, where fd is accurate)
     fd_seconds: float      # one fd step, warm; nan where not timed
 
     @property
@@ -139,9 +145,10 @@ def _measurable(step, grads: list[torch.Tensor], ratio: float) -> bool:
 
 def probe(step, task_i, task_j):
     """`auto`'s measurement: exact and fd from the same state (buffers and random state restored between
-    them), fd's kink detector, and where fd is accurate, one warm step of each, timed. Returns the step's result
-    by the chosen method (grads, L_i, L_j, cosine, method), leaving what a plain run of it leaves, and the
-    check; None where this step cannot tell (alpha = 0, non-finite gradients)."""
+    them) and fd's kink detector; exact is kept wherever double backward works. With `auto_timing`, where fd is
+    accurate, one warm step of each is timed and fd kept where faster. Returns the step's result by the chosen
+    method (grads, L_i, L_j, cosine, method), leaving what a plain run of it leaves, and the check; None where
+    this step cannot tell (alpha = 0, non-finite gradients)."""
     before = step.left()
     exact, exact_status = _exact_or_why(step, task_i, task_j, before)
     if exact is not None and not step.inner_step > 0:               # no second-order term to measure
@@ -154,10 +161,10 @@ def probe(step, task_i, task_j):
     if exact is not None:   # exact = first_order - gamma H v, fd = first_order - gamma H v by fd
         fd_error = _ratio(_distance(fd[0], exact[0]), _distance(first_order, exact[0]))
         check = dataclasses.replace(check, fd_error=fd_error)
-        if check.fd_accurate:                                      # then speed decides
+        if check.fd_accurate and step.cfg.auto_timing:            # on request only: then speed decides
             exact_seconds, fd_seconds = _warm_seconds(step, task_i, task_j, before)
             check = dataclasses.replace(check, exact_seconds=exact_seconds, fd_seconds=fd_seconds)
-        if not (check.fd_accurate and check.fd_seconds < FD_SPEEDUP * check.exact_seconds):
+        if not (check.fd_accurate and check.fd_seconds < FD_SPEEDUP * check.exact_seconds):   # nan: False
             check = dataclasses.replace(check, choice="exact")
     step.restore(left[check.choice])
     measured = _measurable(step, fd[0], disagreement) and (exact is None or _measurable(step, exact[0], check.fd_error))
@@ -194,10 +201,12 @@ def report(model: nn.Module, variant: str, second_order: str, check: SecondOrder
         _logger.info("%s: fd (double backward: %s); its forward and central estimates of H_i v agree to %.2g: "
                      "smooth", who, check.exact, check.disagreement)
     else:
-        timing = f"; one step: fd {check.fd_seconds:.3g} s, exact {check.exact_seconds:.3g} s"
-        _logger.info("%s: %s; fd's second-order term is %.2g from exact's and its schemes disagree by %.2g (fd is "
-                     "kept within %g and %g, where faster)%s", who, check.choice, check.fd_error, check.disagreement,
-                     FD_TOLERANCE, KINK_TOLERANCE, timing if check.fd_accurate else "")
+        timed = not math.isnan(check.fd_seconds)
+        timing = f"; one step: fd {check.fd_seconds:.3g} s, exact {check.exact_seconds:.3g} s" if timed else ""
+        rule = ("fd is kept within %g and %g, where faster" % (FD_TOLERANCE, KINK_TOLERANCE) if timed else
+                "exact wherever double backward works; auto_timing=True would time fd where accurate")
+        _logger.info("%s: %s; fd's second-order term is %.2g from exact's and its schemes disagree by %.2g (%s)%s",
+                     who, check.choice, check.fd_error, check.disagreement, rule, timing)
 
 
 __all__ = ["FD_SPEEDUP", "FD_TOLERANCE", "KINK_TOLERANCE", "SecondOrderCheck", "checked_fd", "first_line", "probe",

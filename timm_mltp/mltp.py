@@ -20,9 +20,9 @@ its cost); g_i and w' keep every sample:
     exact  H v = grad_w <alpha P_S g_sample(w), P_S g_j'> (g_j' a constant)   + 1 fwd + double bwd, on the sample
     fd     H v from gradients of the sample at w + r v and w (or w - r v)     + 2 fwd + 2 bwd, on the sample
 
-`auto` runs both on its first step, from the same state, and keeps fd only where it lands within
-FD_TOLERANCE of exact and is faster (timm_mltp/auto.py); fd alone (exact unavailable, or asked for) is
-checked for kinks once.
+`auto` runs both on its first step, from the same state, and keeps exact wherever double backward works, fd
+where it does not; with `auto_timing` it keeps fd where fd lands within FD_TOLERANCE of exact and is faster
+(timm_mltp/auto.py); fd alone (exact unavailable, or asked for) is checked for kinks once.
 """
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ class MLTPConfig:
     relative_step: float = 1e-3  # rule relative: ||alpha P_S g_i|| / ||w_S||
     # exact and fd: H_i v from a random fraction rho of task i (at least one sample); 1 is the plain method
     curvature_fraction: float = 1.0
+    # auto: False decides without a clock (exact wherever double backward works: reproducible); True also times
+    # one step of each where fd is accurate and keeps fd where faster (a seed's run may then depend on load)
+    auto_timing: bool = False
 
     def __post_init__(self):
         if not isinstance(self.variant, str) or not self.variant.strip():
@@ -110,6 +113,11 @@ class MLTPConfig:
         if not (_is_number(self.relative_step) and self.relative_step > 0):
             raise MLTPConfigError(f"relative_step must be a positive number (||inner step|| / ||w_S||, e.g. 1e-3), "
                                   f"got {self.relative_step!r}")
+        if not isinstance(self.auto_timing, bool):
+            raise MLTPConfigError(f"auto_timing must be True or False, got {self.auto_timing!r}")
+        if self.auto_timing and self.second_order != "auto":
+            raise MLTPConfigError(f"auto_timing times exact against fd for second_order='auto', but second_order "
+                                  f"is {self.second_order!r}; set second_order='auto' or leave auto_timing off")
         if not (_is_number(self.curvature_fraction) and 0 < self.curvature_fraction <= 1):
             raise MLTPConfigError(f"curvature_fraction must be a number in (0, 1] (the share of task i that H_i v is "
                                   f"taken on; 1 takes all of it), got {self.curvature_fraction!r}")

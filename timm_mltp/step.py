@@ -76,17 +76,25 @@ class MLTPStep:
             return
         chosen = choices[value_of_process_zero(choices.index(local), self.accelerator.device)]
         if chosen in _SETTLED:
-            self.cfg = dataclasses.replace(self.cfg, second_order=chosen)
+            self._settle_on(chosen)
+
+    def second_order(self) -> str:
+        """How the gradient is taken now: none | first | exact | fd, or auto before it has settled. The same on
+        every process (process 0's choice)."""
+        return second_order_in_use(self.model, self.cfg)
 
     def state_dict(self) -> dict:
         """What a resumed run needs to take the same steps: the alpha rule's memory, the second order in use."""
-        return {"inner_step": self.inner_step.state_dict(),
-                "second_order": second_order_in_use(self.model, self.cfg)}
+        return {"inner_step": self.inner_step.state_dict(), "second_order": self.second_order()}
 
     def load_state_dict(self, state: dict) -> None:
         self.inner_step.load_state_dict(state["inner_step"])
         if self.cfg.second_order == "auto" and state.get("second_order") in _SETTLED:
-            self.cfg = dataclasses.replace(self.cfg, second_order=state["second_order"])
+            self._settle_on(state["second_order"])
+
+    def _settle_on(self, second_order: str) -> None:
+        """Go on with `second_order` (exact or fd) instead of auto: nothing left to measure or time."""
+        self.cfg = dataclasses.replace(self.cfg, second_order=second_order, auto_timing=False)
 
     def sync(self) -> bool:
         """After the last pair of an optimizer step. False: skip this step (every process agrees)."""

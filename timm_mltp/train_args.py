@@ -126,10 +126,13 @@ class TrainArgs:
     alpha_scale: float = 1.0
     relative_step: float = 1e-3           # rule relative: ||inner step|| / ||w_S||
     second_order: str = "auto"
+    auto_timing: bool = False             # auto: also time exact against fd where fd is accurate (not reproducible)
     curvature_fraction: float = 1.0       # exact and fd: H_i v from this random fraction of task i (1: all of it)
     bn_update: str = "both"
     # ---- run
     seed: int = 42
+    deterministic: bool = False           # deterministic kernels (torch.use_deterministic_algorithms), as HF's
+                                          # full_determinism and Lightning's deterministic=True
     workers: int | None = None            # None: 4 with a GPU; 0 on the CPU, where loader processes would
                                           # compete with the math's threads for the same cores
     pin_mem: bool = False

@@ -76,6 +76,10 @@ class MLTPTrainingArguments(TrainingArguments):
         "auto | exact (double backward) | fd (finite differences, for kernels without double backward).")})
     mltp_bn_update: str = field(default="both", metadata={"help": (
         "BatchNorm running statistics: updated by both passes, or by the first (task i) only.")})
+    mltp_auto_timing: bool = field(default=False, metadata={"help": (
+        "mltp_second_order='auto': also time one step of exact and of fd where fd is accurate, and keep fd where "
+        "faster. The choice then depends on the machine's load, so a seed's run may not repeat; off, auto keeps "
+        "exact wherever double backward works.")})
 
     def __post_init__(self):
         self.mltp_config  # noqa: B018 -- MLTPConfig checks every mltp_* field
@@ -91,7 +95,7 @@ class MLTPTrainingArguments(TrainingArguments):
         return MLTPConfig(variant=self.mltp_variant, gamma=self.mltp_gamma, second_order=self.mltp_second_order,
                           bn_update=self.mltp_bn_update, alpha_rule=rule, alpha=self.mltp_alpha,
                           alpha_scale=self.mltp_alpha_scale, relative_step=self.mltp_relative_step,
-                          curvature_fraction=self.mltp_curvature_fraction)
+                          curvature_fraction=self.mltp_curvature_fraction, auto_timing=self.mltp_auto_timing)
 
 
 class PreemptionCallback(TrainerCallback):
@@ -183,6 +187,7 @@ class MLTPTrainer(Trainer):
             # prediction_step looks for these in the batch; nothing in forward's signature names them
             self.label_names = list(args.label_names or ["labels"])
         self._mltp_sums = [0.0] * (2 * len(_LOGGED))  # sums of the logged stats over the interval, and counts
+        self._logged_second_order: str | None = None   # logged as mltp_second_order when it first settles
         self._mltp_step: MLTPStep | None = None   # built with the optimizer, at the first step
         self._step_state: dict | None = None  # restored from a checkpoint before the first step
         self.preemption = next((c for c in self.callback_handler.callbacks if isinstance(c, PreemptionCallback)),
@@ -313,7 +318,15 @@ class MLTPTrainer(Trainer):
             logs.update({f"mltp_{name}": sums[2 * k] / sums[2 * k + 1]
                          for k, name in enumerate(_LOGGED) if sums[2 * k + 1]})
             self._mltp_sums = [0.0] * len(self._mltp_sums)
+            self._log_second_order(logs)
         super().log(logs, *args, **kwargs)
+
+    def _log_second_order(self, logs: dict) -> None:
+        """How the gradient is taken (none | first | exact | fd), in the first training log and whenever it
+        changes (auto settles on its first step): once, not every line, since trackers take numbers."""
+        second_order = self._mltp_step.second_order() if self._mltp_step is not None else None
+        if second_order not in (None, "auto", self._logged_second_order):
+            logs["mltp_second_order"] = self._logged_second_order = second_order
 
 
 @contextlib.contextmanager
