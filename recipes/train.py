@@ -21,6 +21,7 @@ from timm.utils import ParseKwargs
 
 from timm_mltp.engine import TrainArgs, train
 from timm_mltp.errors import MLTPConfigError
+from timm_mltp.launch import end_process
 from timm_mltp.mltp import ALPHA_RULES
 from timm_mltp.preemption import PREEMPTED_EXIT_CODE, Preempted
 
@@ -37,8 +38,6 @@ _KD = "knowledge distillation is another training task (timm.task); this recipe 
 _LR_BASE = ("give --lr: timm scales a base lr by the global batch, and an MLTP step's batch (two tasks of B) "
             "makes that rule a choice this recipe does not make for you")
 REFUSED = {
-    "--train-num-samples": (None, "sizes timm's iterable datasets; a `datasets` split knows its size "
-                                  "(--max-train-samples limits the training set)"),
     "--val-num-samples": (None, "sizes timm's iterable datasets; a `datasets` split knows its size"),
     "--class-map": ("", "labels come from the dataset's label column (ClassLabel names or integer ids)"),
     "--input-img-mode": (None, "images are converted to RGB, or to L for a 1-channel model (--in-chans 1)"),
@@ -145,6 +144,12 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--input-key", "--image-column", dest="image_column", default=None)
     g.add_argument("--target-key", "--label-column", dest="label_column", default=None)
     g.add_argument("--max-train-samples", type=int, default=None)
+    g.add_argument("--train-num-samples", type=int, default=None,
+                   help="streamed data (hfids/, wds/): samples in one epoch, all processes together (default: the "
+                        "size the dataset states)")
+    g.add_argument("--shuffle-buffer", type=int, default=D.shuffle_buffer,
+                   help="streamed data: samples in the training shuffle buffer; 0: the stream's order "
+                        "(default: %(default)s)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=D.model, help="timm model name (default: %(default)s)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
@@ -272,6 +277,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--relative-step", type=float, default=D.relative_step,
                    help="rule relative: ||inner step|| / ||w_S|| (default: %(default)s)")
     g.add_argument("--second-order", default=D.second_order, choices=["auto", "exact", "fd"])
+    g.add_argument("--auto-timing", action="store_true",
+                   help="--second-order auto: also time one step of exact and of fd where fd is accurate, and keep "
+                        "fd where faster; the choice then depends on the machine's load, so a seed's run may not "
+                        "repeat (default: off: exact wherever double backward works)")
     g.add_argument("--curvature-fraction", type=float, default=D.curvature_fraction,
                    help="exact and fd: H_i v from this random fraction of task i, in (0, 1]; 0.25 roughly halves exact's "
                         "cost where a pass costs in proportion to its batch (GPUs, larger images; README) "
@@ -279,6 +288,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--bn-update", default=D.bn_update, choices=["both", "first"])
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=D.seed)
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (torch.use_deterministic_algorithms; cuDNN benchmarking off): "
+                        "the same run to the bit on GPUs too, at some speed; an op without a deterministic "
+                        "kernel then stops the run with an error (default: off)")
     g.add_argument("-j", "--workers", type=int, default=None, help="loader processes (default: 4 with a GPU, 0 on "
                                                                    "the CPU)")
     g.add_argument("--pin-mem", action="store_true")
@@ -387,7 +400,8 @@ def parse_args(argv=None) -> TrainArgs:
     return to_train_args(parser.parse_args(argv))
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
+    """Train; the exit code. A crash (any other exception) propagates with its traceback: exit code 1."""
     try:
         train(parse_args(argv))
     except MLTPConfigError as e:  # bad input: say what to do, no traceback
@@ -396,6 +410,16 @@ def main(argv=None) -> int:
     except Preempted:             # the engine printed where it saved and how to resume
         return PREEMPTED_EXIT_CODE
     return 0
+
+
+def main(argv=None) -> int:
+    """`run`, then, whatever happened, leave the process group and record the exit code (timm_mltp/launch.py)."""
+    code = 1
+    try:
+        code = run(argv)
+    finally:
+        end_process(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """The pieces of one training run, built from TrainArgs with timm's own factories.
 
-One function per piece; everything that can be wrong with the options is found here, before the first step:
+`build_run(args, accelerator)` is where the options become the run's pieces (`Run`), in this order; the engine
+then prepares them with Accelerate and loops. One function per piece; everything that can be wrong with the
+options is found here, before the first step:
 
     model      timm.create_model (pretrained weights, a local weights file through timm's pretrained loading)
-    data       timm.data.resolve_data_config + create_transform, on a `datasets` dataset
+    data       timm.data.resolve_data_config + create_transform, on a `datasets` dataset (map-style, or streamed:
+               each process its own part behind a shuffle buffer, data.StreamedSplit)
     optimizer  timm.optim.create_optimizer_v2 (layer decay, eps, betas, kwargs)
     schedule   timm.scheduler.create_scheduler_v2
     mixup      timm.data.Mixup, applied to each task separately (data.mix_within_tasks)
@@ -13,7 +16,10 @@ One function per piece; everything that can be wrong with the options is found h
 from __future__ import annotations
 
 import difflib
+import inspect
+import math
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import timm
@@ -28,12 +34,16 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from .checkpoints import load_weights, refusing_pickle
-from .data import SeededAugmentation, SkipUnreadable, apply_transforms, collate_image_batch, create_transforms
+from .data import (ImageDataset, SeededAugmentation, SkipUnreadable, StreamedSplit, apply_transforms,
+                   collate_image_batch, create_transforms, image_transform, is_streamed, load_image_dataset)
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig
 from .preemption import ignore_in_loader_worker
+from .selection import select_parameters, summarize_selection
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from .train_args import TrainArgs
 
 SHIPPED_IMG_SIZE = 32    # the shipped Fashion-MNIST images are 28x28
@@ -48,6 +58,10 @@ def check_args(args: TrainArgs) -> None:
                  "max_bad_samples"):
         if getattr(args, name) < 1:
             raise MLTPConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.train_num_samples is not None and args.train_num_samples < 1:
+        raise MLTPConfigError(f"--train-num-samples must be >= 1, got {args.train_num_samples}")
+    if args.shuffle_buffer < 0:
+        raise MLTPConfigError(f"--shuffle-buffer must be >= 0 (0: no shuffling), got {args.shuffle_buffer}")
     for name in ("resume", "pretrained_path", "initial_checkpoint"):
         path = getattr(args, name)
         if path and not os.path.isfile(path):
@@ -61,6 +75,62 @@ def check_args(args: TrainArgs) -> None:
     if mixup_active(args) and args.batch_size % 2:
         raise MLTPConfigError(f"--mixup/--cutmix pair sample k with sample B-1-k of each task, so the task size "
                               f"must be even; got --batch-size {args.batch_size}")
+
+
+@dataclass
+class Loaders:
+    train: DataLoader              # batches of 2B samples: task i, then task j
+    eval: DataLoader | None
+    batches_per_process: int       # training loader batches each process takes per epoch
+    train_size: int                # training samples per epoch, all processes together
+    shuffle_generator: torch.Generator | None   # map-style: the engine re-seeds it every epoch; None: streamed
+
+
+@dataclass
+class Run:
+    """The pieces of one training run, as `build_run` returns them, before Accelerate prepares them."""
+    mltp: MLTPConfig
+    model: nn.Module
+    weights_note: str              # what was loaded into the model
+    selection: object              # the parameters S the inner step moves (selection.select_parameters)
+    selection_note: str
+    num_classes: int
+    loaders: Loaders
+    streamed: bool                 # data.StreamedSplit: each process reads its own part; Accelerate does not shard
+    optimizer: torch.optim.Optimizer
+    scheduler: object              # timm's scheduler, stepped per update (or epoch)
+    num_epochs: int                # including cooldown
+    updates_per_epoch: int
+    mixup: Mixup | None
+    train_loss: nn.Module
+
+
+def build_run(args: TrainArgs, accelerator: Accelerator) -> Run:
+    """The options, checked, as the run's pieces: the one place the engine hands its options to."""
+    check_args(args)
+    mltp = mltp_config(args)
+    check_model_name(args.model)
+    if args.workers is None:
+        args.workers = 4 if accelerator.device.type == "cuda" else 0
+    data = load_image_dataset(args.dataset or args.data_dir, image_column=args.image_column,
+                              label_column=args.label_column, train_split=args.train_split,
+                              eval_split=args.eval_split)
+    num_classes = args.num_classes or data.num_classes
+    if num_classes is None:
+        raise MLTPConfigError(f"--dataset {args.dataset or args.data_dir}: the stream's labels are integer ids and a "
+                              f"stream cannot be scanned for the largest; give --num-classes")
+    model, weights_note = build_model(args, num_classes)
+    selection = select_parameters(model, args.variant)   # bad variants fail here, before data work
+    build = build_stream_loaders if data.streamed else build_loaders
+    loaders = build(args, model, data, accelerator.num_processes, accelerator.process_index)
+    optimizer = build_optimizer(args, model)
+    updates_per_epoch = math.ceil(loaders.batches_per_process / args.grad_accum_steps)
+    scheduler, num_epochs = build_scheduler(args, optimizer, updates_per_epoch)
+    return Run(mltp=mltp, model=model, weights_note=weights_note, selection=selection,
+               selection_note=summarize_selection(model, selection), num_classes=num_classes, loaders=loaders,
+               streamed=data.streamed, optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs,
+               updates_per_epoch=updates_per_epoch, mixup=build_mixup(args, num_classes),
+               train_loss=build_train_loss(args))
 
 
 def uses_shipped_data(args: TrainArgs) -> bool:
@@ -102,7 +172,8 @@ def mltp_config(args: TrainArgs) -> MLTPConfig:
     rule = args.alpha_rule or ("fixed" if args.alpha is not None else MLTPConfig.alpha_rule)
     return MLTPConfig(variant=args.variant, gamma=args.gamma, second_order=second_order, bn_update=args.bn_update,
                       alpha_rule=rule, alpha=args.alpha, alpha_scale=args.alpha_scale,
-                      relative_step=args.relative_step, curvature_fraction=args.curvature_fraction)
+                      relative_step=args.relative_step, curvature_fraction=args.curvature_fraction,
+                      auto_timing=args.auto_timing and second_order == "auto")
 
 
 # ---- model -----------------------------------------------------------------------------------------
@@ -237,23 +308,42 @@ def build_transforms(args: TrainArgs, model: nn.Module):
     return train_tf, eval_tf
 
 
-def build_loaders(args: TrainArgs, model: nn.Module, data, world_size: int):
-    """The training loader (batches of 2B: task i, then task j), the eval loader (or None), and the
-    generator that shuffles the training set (the engine re-seeds it every epoch)."""
+def _loader_transforms(args: TrainArgs, model: nn.Module):
+    """build_transforms, with timm's refusals as one line; and the model's input channels."""
     try:
         train_tf, eval_tf = build_transforms(args, model)
     except (ValueError, AssertionError, KeyError) as e:
         raise MLTPConfigError(f"timm's create_transform refused the augmentation options ({_first_line(e)}); "
                               f"check --aa, --remode, --train-crop-mode and the interpolation names") from e
+    in_chans = getattr(model, "in_chans", None) or timm.data.resolve_data_config({}, model=model)["input_size"][0]
+    return train_tf, eval_tf, in_chans
+
+
+def _too_few(samples: int, args: TrainArgs, world_size: int, what: str) -> MLTPConfigError:
+    return MLTPConfigError(f"{what} has {samples} samples, fewer than one pair of batches (2 x batch size "
+                           f"{args.batch_size} x {world_size} processes = {2 * args.batch_size * world_size}); "
+                           f"lower --batch-size or use more data")
+
+
+def _one_shard_at_a_time(stream) -> dict:
+    """IterableDataset.shuffle's keyword for it, where datasets has one (>= 5)."""
+    return {"max_buffer_input_shards": 1} if "max_buffer_input_shards" in inspect.signature(stream.shuffle).parameters \
+        else {}
+
+
+def build_loaders(args: TrainArgs, model: nn.Module, data: ImageDataset, world_size: int, rank: int = 0) -> Loaders:
+    """Map-style data: the training loader of the whole split (Accelerate gives each process its batches) and the
+    eval loader (or None)."""
+    if args.train_num_samples:
+        raise MLTPConfigError(f"--train-num-samples {args.train_num_samples} sizes streamed datasets (hfids/, wds/); "
+                              f"this map-style split knows its size: use --max-train-samples to train on fewer")
+    train_tf, eval_tf, in_chans = _loader_transforms(args, model)
     train = data.train
     if args.max_train_samples:
         train = train.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train))))
-    pair = 2 * args.batch_size * world_size
-    if len(train) < pair:
-        raise MLTPConfigError(f"the training split has {len(train)} samples, fewer than one pair of batches "
-                              f"(2 x batch size {args.batch_size} x {world_size} processes = {pair}); lower "
-                              f"--batch-size or use more data")
-    in_chans = getattr(model, "in_chans", None) or timm.data.resolve_data_config({}, model=model)["input_size"][0]
+    if len(train) < 2 * args.batch_size * world_size:
+        raise _too_few(len(train), args, world_size, "the training split")
+    train_size = len(train)
     train = apply_transforms(train, train_tf, data.image_column, data.label_column, in_chans=in_chans)
     train = SeededAugmentation(SkipUnreadable(train, args.train_split or "train", args.max_bad_samples), args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -268,7 +358,54 @@ def build_loaders(args: TrainArgs, model: nn.Module, data, world_size: int):
         eval_loader = DataLoader(eval_set, batch_size=args.validation_batch_size or 4 * args.batch_size,
                                  shuffle=False, num_workers=args.workers, collate_fn=collate_image_batch,
                                  pin_memory=args.pin_mem, worker_init_fn=ignore_in_loader_worker)
-    return train_loader, eval_loader, generator
+    return Loaders(train_loader, eval_loader, len(train_loader) // world_size, train_size, generator)
+
+
+def build_stream_loaders(args: TrainArgs, model: nn.Module, data: ImageDataset, world_size: int,
+                         rank: int = 0) -> Loaders:
+    """Streamed data (hfids/, wds/): this process's own part of each split (`split_dataset_by_node`), the training
+    part behind a shuffle buffer, as a StreamedSplit. An epoch is --train-num-samples samples, all processes
+    together (else the split size the dataset states), in whole steps of 2B per process."""
+    from datasets.distributed import split_dataset_by_node
+
+    source = args.dataset or args.data_dir
+    if args.max_train_samples:
+        raise MLTPConfigError(f"--max-train-samples limits a map-style split; {source} is streamed: give "
+                              f"--train-num-samples, the samples in one epoch")
+    split_info = (data.train.info.splits or {}).get(args.train_split or "train")
+    train_size = args.train_num_samples or getattr(split_info, "num_examples", None)
+    if not train_size:
+        raise MLTPConfigError(f"--dataset {source}: a stream does not say how many samples it holds; give "
+                              f"--train-num-samples N, the samples in one epoch (all processes together)")
+    batches = train_size // (2 * args.batch_size * world_size)
+    if batches < 1:
+        raise _too_few(train_size, args, world_size, "--train-num-samples")
+    train_tf, eval_tf, in_chans = _loader_transforms(args, model)
+    stream = data.train
+    if args.shuffle_buffer:   # the shards' order and a buffer of samples, seeded by (seed, epoch): see set_epoch
+        # one shard at a time into the buffer: datasets >= 5 can fill it from several shards on threads, but then
+        # reports fewer shards to split by node, and on parquet sleeps 5 s at the end of every pass (arrow #45214)
+        stream = stream.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer, **_one_shard_at_a_time(stream))
+    # whole shards per process where they divide evenly, else every world_size-th sample: disjoint parts either way
+    train = StreamedSplit(split_dataset_by_node(stream, rank=rank, world_size=world_size),
+                          image_transform(train_tf, data.image_column, data.label_column, in_chans,
+                                          data.train.column_names).one,
+                          args.train_split or "train", 2 * args.batch_size, batches, seed=args.seed, rank=rank,
+                          max_in_row=args.max_bad_samples)
+    # StreamedSplit draws nothing at random itself; a generator keeps the loader off the global random state
+    common = dict(num_workers=args.workers, collate_fn=collate_image_batch, pin_memory=args.pin_mem,
+                  worker_init_fn=ignore_in_loader_worker, generator=torch.Generator().manual_seed(args.seed))
+    train_loader = DataLoader(train, batch_size=2 * args.batch_size, **common)
+    eval_loader = None
+    if data.eval is not None:
+        eval_batch = args.validation_batch_size or 4 * args.batch_size
+        eval_set = StreamedSplit(split_dataset_by_node(data.eval, rank=rank, world_size=world_size),
+                                 image_transform(eval_tf, data.image_column, data.label_column, in_chans,
+                                                 data.eval.column_names).one,
+                                 args.eval_split or "eval", eval_batch, None, seed=args.seed, rank=rank,
+                                 max_in_row=args.max_bad_samples)
+        eval_loader = DataLoader(eval_set, batch_size=eval_batch, **common)
+    return Loaders(train_loader, eval_loader, batches, batches * 2 * args.batch_size * world_size, None)
 
 
 def mixup_active(args: TrainArgs) -> bool:
@@ -329,6 +466,6 @@ def build_ema(args: TrainArgs, model: nn.Module) -> ModelEmaV3 | None:
                       device=torch.device("cpu") if args.model_ema_force_cpu else None)
 
 
-__all__ = ["check_args", "mltp_config", "check_model_name", "build_model", "compile_model", "build_transforms",
-           "build_loaders", "build_mixup", "build_train_loss", "build_optimizer", "build_scheduler", "build_ema",
-           "image_size", "uses_shipped_data", "mixup_active", "EVAL_METRICS"]
+__all__ = ["build_run", "Run", "Loaders", "check_args", "mltp_config", "check_model_name", "build_model",
+           "compile_model", "build_transforms", "build_loaders", "build_stream_loaders", "build_mixup",
+           "build_train_loss", "build_optimizer", "build_scheduler", "build_ema", "image_size", "uses_shipped_data", "mixup_active", "EVAL_METRICS"]

@@ -51,3 +51,10 @@ def value_of_process_zero(value: int, device) -> int:
     tensor = torch.tensor([value], device=device)
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group if this process is in one (a no-op otherwise): every process that joins
+    one must leave it before it exits, on success and on failure alike."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

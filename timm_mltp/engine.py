@@ -24,19 +24,17 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
-from accelerate.utils import DistributedType, LoggerType, set_seed
+from accelerate.utils import DistributedType, LoggerType, send_to_device, set_seed
 from timm.models import model_parameters
 from timm.utils import AverageMeter, accuracy, dispatch_clip_grad
 from tqdm.auto import tqdm
+from transformers.trainer_utils import enable_full_determinism
 
-from .build import (build_ema, build_loaders, build_mixup, build_model, build_optimizer, build_scheduler,
-                    build_train_loss, check_args, check_model_name, compile_model, mltp_config)
+from .build import build_ema, build_run, build_scheduler, compile_model
 from .checkpoints import CheckpointSaver, load_checkpoint_file, rng_state, set_rng_state
-from .data import DEFAULT_DATASET, check_unreadable_share, load_image_dataset, mix_within_tasks
+from .data import DEFAULT_DATASET, check_unreadable_share, mix_within_tasks
 from .errors import MLTPConfigError
-from .mltp import second_order_in_use
 from .preemption import Preempted, PreemptionSignal, any_process
-from .selection import select_parameters, summarize_selection
 from .step import MLTPStep
 from .train_args import TrainArgs
 
@@ -44,6 +42,7 @@ from .train_args import TrainArgs
 EPOCH_STATS = ("loss", "loss_i", "loss_j", "grad_cosine", "alpha", "relative_step", "update_ratio",
                "second_order_share")
 SUMMARY_COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr", *EPOCH_STATS[1:],
+                   "second_order",                    # how the gradient was taken: none | first | exact | fd
                    "train_skipped", "eval_skipped"]   # unreadable samples replaced in the epoch (data.SkipUnreadable)
 
 
@@ -79,6 +78,15 @@ def build_accelerator(args: TrainArgs, out_dir: Path) -> Accelerator:
                        project_dir=str(out_dir) if args.log_with else None)
 
 
+def seed_run(args: TrainArgs) -> None:
+    """Seed every generator; --deterministic also asks for deterministic kernels, as Hugging Face's
+    `full_determinism` does (the same call)."""
+    if args.deterministic:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
+
+
 def tracker_config(args: TrainArgs) -> dict:
     """The run's options as trackers take hyper-parameters: numbers, strings and booleans only."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(args).items()}
@@ -108,37 +116,34 @@ class Trainer:
 
     def __init__(self, args: TrainArgs, accelerator: Accelerator | None = None):
         self.args = args
-        check_args(args)
-        self.mltp = mltp_config(args)
-        check_model_name(args.model)
         self.out_dir = output_dir(args)
         self.accelerator = acc = accelerator or build_accelerator(args, self.out_dir)
         check_distributed_type(acc)
-        set_seed(args.seed)
+        seed_run(args)
 
-        data = load_image_dataset(args.dataset or args.data_dir, image_column=args.image_column,
-                                  label_column=args.label_column, train_split=args.train_split,
-                                  eval_split=args.eval_split)
-        num_classes = args.num_classes or data.num_classes
-        model, self.weights_note = build_model(args, num_classes)
-        self.selection = select_parameters(model, args.variant)  # bad variants fail here, before data work
-        self.selection_note = summarize_selection(model, self.selection)
-        if args.workers is None:
-            args.workers = 4 if acc.device.type == "cuda" else 0
-        train_loader, eval_loader, self.shuffle_generator = build_loaders(args, model, data, acc.num_processes)
-        self.train_set = train_loader.dataset
-        optimizer = build_optimizer(args, model)
-        self.updates_per_epoch = math.ceil(len(train_loader) // acc.num_processes / args.grad_accum_steps)
-        self.scheduler, self.num_epochs = build_scheduler(args, optimizer, self.updates_per_epoch)
+        # build: the options become the run's pieces in one place (build.py)
+        run = build_run(args, acc)
+        self.mltp, self.selection, self.streamed = run.mltp, run.selection, run.streamed
+        self.weights_note, self.selection_note = run.weights_note, run.selection_note
+        self.scheduler, self.num_epochs, self.updates_per_epoch = run.scheduler, run.num_epochs, run.updates_per_epoch
+        self.mixup, self.train_loss = run.mixup, run.train_loss
+        self.train_set, self.train_size = run.loaders.train.dataset, run.loaders.train_size
+        self.shuffle_generator = run.loaders.shuffle_generator
 
-        self.model, self.optimizer, self.train_loader = acc.prepare(model, optimizer, train_loader)
-        self.eval_loader = acc.prepare(eval_loader) if eval_loader is not None else None
+        # prepare: Accelerate places the model and gives each process its batches of a map-style split; a stream's
+        # loaders already read this process's own part (prepare_batch places their batches)
+        if run.streamed:
+            self.model, self.optimizer = acc.prepare(run.model, run.optimizer)
+            self.train_loader, self.eval_loader = run.loaders.train, run.loaders.eval
+        else:
+            self.model, self.optimizer, self.train_loader = acc.prepare(run.model, run.optimizer, run.loaders.train)
+            self.eval_loader = acc.prepare(run.loaders.eval) if run.loaders.eval is not None else None
         # the MLTP passes run on the plain module: each process's own gradient, no DDP hooks (SPEC)
         self.module = acc.unwrap_model(self.model)
         self.ema = build_ema(args, self.module)
         compile_model(args, self.module)
-        self.mixup = build_mixup(args, num_classes)
-        self.train_loss = build_train_loss(args)
+
+        # the step and the loop's state
         self.step = MLTPStep(acc, self.module, self.optimizer, self.mltp, self.loss_fn,
                              max_grad_norm=args.clip_grad if args.clip_mode == "norm" else None,
                              broadcast_buffers=not args.no_ddp_bb)
@@ -171,6 +176,8 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "num_updates": self.num_updates,
                 "rows": self.rows, "epoch_sums": self.epoch_sums, "epoch_skipped": self.epoch_skipped,
                 "mltp_step": self.step.state_dict(),
+                # what a resume on another number of processes converts from (load_checkpoint)
+                "processes": self.accelerator.num_processes, "updates_per_epoch": self.updates_per_epoch,
                 "args": asdict(self.args)}
 
     def save(self, kind: str, **where) -> bool:
@@ -207,6 +214,38 @@ class Trainer:
         if "saver" in ckpt:
             self.saver.load_state_dict(ckpt["saver"])
         self.print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch}")
+        processes = ckpt.get("processes", self.accelerator.num_processes)
+        if processes != self.accelerator.num_processes:
+            self.continue_on_other_processes(processes, ckpt["updates_per_epoch"], ckpt["scheduler"])
+
+    def continue_on_other_processes(self, before: int, updates_before: int, schedule: dict) -> None:
+        """A checkpoint of `before` processes resumed on another number. Kept exactly: the weights, the optimizer,
+        the samples of the epoch taken so far (the step counters are converted through them) and the schedule's
+        position (its lengths in updates are the new run's, the rest is the checkpoint's). Not kept, and said in
+        one line: which samples the rest of the epoch takes in which order."""
+        now, pair = self.accelerator.num_processes, 2 * self.args.batch_size
+        taken = self.step_in_epoch * pair * before            # samples of this epoch taken, all processes together
+        self.step_in_epoch = taken // (pair * now)            # whole steps; the rest of a step is taken again
+        again = taken - self.step_in_epoch * pair * now
+        k = self.args.grad_accum_steps
+        self.num_updates = self.epoch * self.updates_per_epoch + math.ceil(self.step_in_epoch / k)
+        # the schedule's lengths in updates follow the updates per epoch: the new run's where they differ
+        stand_in = torch.optim.SGD([{**{k: v for k, v in group.items() if k != "params"}, "params": [torch.zeros(1)]}
+                                    for group in self.optimizer.param_groups])
+        lengths_before = build_scheduler(self.args, stand_in, updates_before)[0].state_dict()
+        lengths_now = self.scheduler.state_dict()
+        self.scheduler.load_state_dict({k: lengths_now[k] if lengths_before.get(k) != lengths_now[k] else v
+                                        for k, v in schedule.items()})
+        self.scheduler.step_update(num_updates=self.num_updates)
+        if self.streamed:
+            rest = (f"the stream is now read in {now} parts instead of {before}, each from its start past its first "
+                    f"{self.step_in_epoch * pair} samples, so samples of this epoch may be taken twice or not at all")
+        else:
+            rest = f"the same samples in the same order, {now} batches of {pair} per step instead of {before}"
+            rest += f", {again} of them taken again" if again else ""
+        self.print(f"resumed on {now} process(es) a run of {before}: kept the weights, optimizer, schedule and the "
+                   f"{taken} samples of epoch {self.epoch} taken (now step {self.step_in_epoch}, update "
+                   f"{self.num_updates}); not kept: the order of the rest of epoch {self.epoch}: {rest}")
 
     def write_args(self) -> None:
         """args.yaml, as timm writes it; `recipes/train.py -c args.yaml` runs the same options again."""
@@ -251,6 +290,7 @@ class Trainer:
 
     def prepare_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """One loader batch as the MLTP step takes it: mixup/cutmix within each task, the memory layout."""
+        batch = send_to_device(batch, self.accelerator.device)   # a stream's batches (Accelerate placed the others)
         images, targets = batch["pixel_values"], batch["labels"]
         if self.mixup is not None:
             images, targets = mix_within_tasks(self.mixup, images, targets)
@@ -296,16 +336,9 @@ class Trainer:
     def train_epoch(self) -> dict:
         args, acc = self.args, self.accelerator
         self.model.train()
-        # the epoch's order and each sample's augmentation depend on (seed, epoch, index) alone, so a
-        # resumed run sees the same batches, whatever the loader prefetched or the workers drew before
-        self.shuffle_generator.manual_seed(args.seed + self.epoch)
-        self.train_loader.set_epoch(self.epoch)
-        self.train_set.epoch = self.epoch
         if self.mixup is not None and args.mixup_off_epoch and self.epoch >= args.mixup_off_epoch:
             self.mixup.mixup_enabled = False
-        loader = self.train_loader
-        if self.step_in_epoch:                      # resumed mid-epoch
-            loader = acc.skip_first_batches(self.train_loader, self.step_in_epoch)
+        loader = self.epoch_loader()
         if not self.step_in_epoch:   # the epoch's running means and counts; a checkpoint carries them over a resume
             self.epoch_sums = {k: [0.0, 0] for k in EPOCH_STATS}
             self.epoch_skipped = 0
@@ -352,12 +385,27 @@ class Trainer:
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         return {k: _mean(v) for k, v in sums.items()}
 
+    def epoch_loader(self):
+        """The training loader of this epoch from batch `step_in_epoch` on. The epoch's order and each sample's
+        augmentation depend on (seed, epoch, position) alone, so a resumed run sees the same batches, whatever
+        the loader prefetched or the workers drew before."""
+        if self.streamed:
+            self.train_set.set_epoch(self.epoch)
+            self.train_set.start_batch = self.step_in_epoch   # the samples before it are read past, not decoded
+            return self.train_loader
+        self.shuffle_generator.manual_seed(self.args.seed + self.epoch)
+        self.train_loader.set_epoch(self.epoch)
+        self.train_set.epoch = self.epoch
+        if self.step_in_epoch:                      # resumed mid-epoch
+            return self.accelerator.skip_first_batches(self.train_loader, self.step_in_epoch)
+        return self.train_loader
+
     def count_unreadable(self, batches) -> None:
         """Add the step's unreadable samples, over all processes, to the epoch's count (too many end the run)."""
         local = sum(int(batch["skipped"]) for batch in batches if "skipped" in batch)
         total = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum")
         self.epoch_skipped += int(total.item())
-        check_unreadable_share(self.args.train_split or "train", self.epoch_skipped, len(self.train_set),
+        check_unreadable_share(self.args.train_split or "train", self.epoch_skipped, self.train_size,
                                self.args.max_bad_share)
 
     def until_preempted(self, steps):
@@ -389,19 +437,25 @@ class Trainer:
         losses, top1, top5, n, skipped = 0.0, 0.0, 0.0, 0, 0
         for batch in self.eval_loader:
             skipped += int(batch.get("skipped", 0))
+            batch = send_to_device(batch, acc.device)   # a stream's batches (Accelerate placed the others)
             images = batch["pixel_values"]
             if self.args.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with acc.autocast():
                 logits = module(images)
-            logits, labels = acc.gather_for_metrics((logits.float(), batch["labels"]))
+            logits, labels = logits.float(), batch["labels"]
+            if not self.streamed:   # the processes' batches of the split, its padding dropped
+                logits, labels = acc.gather_for_metrics((logits, labels))
             k = min(5, logits.shape[1])
             a1, a5 = accuracy(logits, labels, topk=(1, k))
             losses += F.cross_entropy(logits, labels, reduction="sum").item()
             top1, top5, n = top1 + a1.item() * len(labels), top5 + a5.item() * len(labels), n + len(labels)
+        if self.streamed:   # each process evaluated its own part of the stream
+            sums = acc.reduce(torch.tensor([losses, top1, top5, n], dtype=torch.float64, device=acc.device), "sum")
+            losses, top1, top5, n = sums.tolist()
         skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
-        check_unreadable_share(self.args.eval_split or "eval", skipped, len(self.eval_loader.dataset),
-                               self.args.max_bad_share)
+        check_unreadable_share(self.args.eval_split or "eval", skipped, n if self.streamed else
+                               len(self.eval_loader.dataset), self.args.max_bad_share)
         return {"eval_loss": losses / n, "eval_top1": top1 / n, "eval_top5": top5 / n, "eval_skipped": skipped}
 
     def evaluate_epoch(self) -> tuple[dict, str]:
@@ -424,11 +478,11 @@ class Trainer:
         self.scheduler.step(self.epoch, metric)
         row = {"epoch": epoch, "train_loss": train["loss"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[2:5]},
                "lr": self.optimizer.param_groups[0]["lr"], **{k: train[k] for k in EPOCH_STATS[1:]},
-               "train_skipped": self.epoch_skipped, "eval_skipped": metrics.get("eval_skipped")}
+               "second_order": self.step.second_order(), "train_skipped": self.epoch_skipped, "eval_skipped": metrics.get("eval_skipped")}
         self.rows.append(row)
         self.save("epoch", epoch=epoch, metric=metric)
         self.write_summary()
-        self.accelerator.log({k: v for k, v in row.items() if v is not None}, step=self.num_updates)
+        self.accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=self.num_updates)
         skipped = {"training": self.epoch_skipped, "eval": row["eval_skipped"]}
         if any(skipped.values()):
             note += "  unreadable samples skipped: " + ", ".join(f"{n} {split}" for split, n in skipped.items() if n)
@@ -460,7 +514,7 @@ class Trainer:
         result = {"best_top1": max(top1) if top1 else None, "best_metric": self.saver.best_metric,
                   "best_epoch": self.saver.best_epoch, "eval_metric": self.eval_metric, "epochs": self.num_epochs,
                   "optimizer_steps": self.num_updates, "wall_seconds": time.time() - start, "rows": self.rows,
-                  "second_order": second_order_in_use(self.module, self.mltp), "output": str(self.out_dir)}
+                  "second_order": self.step.second_order(), "output": str(self.out_dir)}
         if self.saver.best_metric is not None:
             self.print(f"*** Best metric: {self.saver.best_metric:.4f} ({self.eval_metric}, epoch "
                        f"{self.saver.best_epoch})")

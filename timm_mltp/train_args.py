@@ -44,6 +44,9 @@ class TrainArgs:
     train_split: str | None = None
     eval_split: str | None = None         # timm: --val-split
     max_train_samples: int | None = None
+    train_num_samples: int | None = None  # streamed data (hfids/, wds/): samples in one epoch, all processes together
+    shuffle_buffer: int = 4096            # streamed training data: samples in the shuffle buffer (timm's hfids
+                                          # default, its HFIDS_SHUFFLE_SIZE); 0: the stream's order
     # ---- preprocessing and augmentation (timm's create_transform)
     crop_pct: float | None = None         # eval centre crop; None: the model's (1.0 on the shipped data)
     mean: tuple[float, ...] | None = None
