@@ -3,6 +3,7 @@ MLTPTrainer: unreadable images, preemption by SIGTERM/SIGUSR1, checkpoint files 
 import csv
 import errno
 import io
+import multiprocessing
 import os
 import re
 import signal
@@ -168,6 +169,37 @@ def test_mltp_trainer_saves_and_stops_on_a_signal_and_resumes_exactly(tmp_path, 
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+class _SignalWorkersAtStep(TrainerCallback):
+    """SIGUSR1 to every loader worker while step `step` runs, as a scheduler's signal to the whole job reaches
+    them (SIGTERM from this process would be the loader's own order to stop)."""
+
+    def __init__(self, step):
+        self.step, self.workers, self.handler = step, [], None
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # the loader forks its workers next: let them start with the default handlers, as with the spawn and
+        # forkserver start methods (a forked worker would inherit this process's preemption handler)
+        self.handler = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.handler is not None:
+            signal.signal(signal.SIGUSR1, self.handler)
+            self.handler = None
+        if state.global_step + 1 == self.step:
+            self.workers = [child.pid for child in multiprocessing.active_children()]
+            for pid in self.workers:
+                os.kill(pid, signal.SIGUSR1)
+
+
+def test_mltp_trainer_loader_workers_outlive_a_signal_to_the_job(tmp_path):
+    signaller = _SignalWorkersAtStep(2)
+    settings = {**SETTINGS, "dataloader_num_workers": 1}
+    trainer = MLTPTrainer(model=tiny_bert(), args=mltp_args(tmp_path, **settings), train_dataset=token_data(256),
+                          callbacks=[signaller])
+    trainer.train()          # a worker killed by the signal: "DataLoader worker ... exited unexpectedly"
+    assert signaller.workers and trainer.state.global_step == SETTINGS["max_steps"]
 
 
 def test_a_plain_trainer_takes_the_callback(tmp_path):

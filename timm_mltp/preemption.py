@@ -11,6 +11,7 @@ The recipe's loop (engine.py) and `PreemptionCallback` (trainer.py, for MLTPTrai
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
@@ -76,6 +77,24 @@ def ignore_in_loader_worker(worker_id: int) -> None:
     threading.Thread(target=wait_for_the_main_process, daemon=True).start()
 
 
+def _shielded_init(worker_init_fn, worker_id: int) -> None:
+    ignore_in_loader_worker(worker_id)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def shield_loader_workers(loader) -> None:
+    """Give a built DataLoader's workers `ignore_in_loader_worker`, before its own `worker_init_fn` (the
+    Trainer's seeding). A DataLoader reads `worker_init_fn` each time it starts its workers; a partial of
+    module-level functions survives the `spawn` start method. Accelerate's prepared loader iterates the
+    DataLoader it wraps (`base_dataloader`): that one gets it."""
+    loader = getattr(loader, "base_dataloader", loader)
+    init = getattr(loader, "worker_init_fn", None)
+    shielded = isinstance(init, functools.partial) and init.func is _shielded_init   # a cached loader, again
+    if getattr(loader, "num_workers", 0) > 0 and not shielded:
+        loader.worker_init_fn = functools.partial(_shielded_init, init)
+
+
 def any_process(flag: bool, device) -> bool:
     """Whether `flag` is set on any process (itself in a single process): one small all-reduce, which every
     process must call at the same point."""
@@ -87,4 +106,4 @@ def any_process(flag: bool, device) -> bool:
 
 
 __all__ = ["PREEMPTED_EXIT_CODE", "PREEMPTION_SIGNALS", "Preempted", "PreemptionSignal", "any_process",
-           "ignore_in_loader_worker"]
+           "ignore_in_loader_worker", "shield_loader_workers"]

@@ -36,7 +36,7 @@ from transformers.trainer_utils import has_length
 from .checkpoints import refusing_pickle
 from .errors import MLTPConfigError
 from .mltp import MLTPConfig
-from .preemption import PreemptionSignal, any_process
+from .preemption import PreemptionSignal, any_process, shield_loader_workers
 from .selection import select_parameters, summarize_selection
 from .step import MLTPStep
 from .tasks import even_batch
@@ -203,10 +203,16 @@ class MLTPTrainer(Trainer):
         with _overridden(self, _train_batch_size=2 * self._train_batch_size), \
                 _overridden(self.args, dataloader_drop_last=True):
             loader = super().get_train_dataloader()
+        shield_loader_workers(loader)   # SIGTERM/SIGUSR1 stop training after the step; they must not kill workers
         if has_length(loader) and len(loader) == 0:   # (an IterableDataset has no length)
             raise MLTPConfigError(f"train_dataset is too small for one step: each process needs 2 * "
                                   f"per_device_train_batch_size = {2 * self._train_batch_size} samples "
                                   f"(task i and task j)")
+        return loader
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        loader = super().get_eval_dataloader(eval_dataset)
+        shield_loader_workers(loader)
         return loader
 
     def get_total_train_batch_size(self, args) -> int:
