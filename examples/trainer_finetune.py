@@ -95,6 +95,7 @@ def main():
     metrics = trainer.evaluate()
     trainer.log_metrics("eval", metrics)
     trainer.save_model()  # model.safetensors in output_dir, loadable with pretrained_cfg_overlay=dict(file=...)
+    trainer.accelerator.end_training()   # every process leaves its process group before it exits (torchrun)
 
 
 if __name__ == "__main__":
