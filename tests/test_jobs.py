@@ -1,6 +1,7 @@
 """Jobs of several processes (docs/reliability.md, Exit codes): one failing process ends the job promptly with its
 reason and the previous checkpoint intact; SIGUSR1 and SIGTERM sent to the launcher reach every worker, which
 saves and exits 75, and `python -m timm_mltp.launch` exits 75 too, so a job script can requeue."""
+import os
 import re
 import signal
 import subprocess
@@ -101,3 +102,27 @@ def test_plain_torchrun_forwards_sigusr1_when_told_and_every_worker_exits_75(tmp
     assert cut.returncode == 1, err[-3000:]
     assert sorted(p.read_text() for p in tmp_path.glob("rank-*")) == [str(PREEMPTED_EXIT_CODE)] * 2
     assert torch.load(tmp_path / "cut" / "last.pth.tar", weights_only=True)["epoch"] == 0
+
+
+def test_the_slurm_script_requeues_a_preempted_run_which_then_resumes(tmp_path):
+    """examples/slurm_train.sh as SLURM runs it, with `scontrol` stood in for: SIGUSR1 goes to the batch script
+    only (`--signal=B:USR1@120`); the run saves, the script asks for a requeue and exits 75; the requeued job
+    resumes from last.pth.tar and finishes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "NPROC": "2",
+           "MODEL": "test_resnet", "OUTPUT": str(tmp_path), "EXPERIMENT": "slurm", "TRAIN_ARGS": " ".join(TWO[2:])}
+    job = ["bash", str(ROOT / "examples" / "slurm_train.sh")]
+    first = subprocess.Popen(job, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_line(first, "Train: 0 [   1/")
+    first.send_signal(signal.SIGUSR1)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 7\n"
+    step = torch.load(tmp_path / "slurm" / "last.pth.tar", weights_only=True)["num_updates"]
+    again = subprocess.run(job, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'slurm' / 'last.pth.tar'}: epoch 0, step {step}" in again.stdout
+    assert torch.load(tmp_path / "slurm" / "last.pth.tar", weights_only=True)["num_updates"] == 8
