@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train or fine-tune any timm model with MLTP on a `datasets` image dataset.
 
-    python recipes/train.py                                      # shipped Fashion-MNIST subset, ~2.5 min on 2 CPU cores
+    python recipes/train.py                                      # shipped Fashion-MNIST subset, about 2 min on 2 CPU cores
     accelerate launch recipes/train.py --model resnet50 --variant conv --dataset hfds/uoft-cs/cifar100
     python recipes/train.py -c output/train/RUN/args.yaml --epochs 10    # a run's options again, one changed
 
@@ -10,7 +10,7 @@ by SIGTERM/SIGUSR1 after saving last.pth.tar (run the same command with --resume
 
 Options are timm train.py's, by name and meaning; -b/--batch-size is the size of ONE task, so each
 optimizer step uses 2 x batch-size samples per process (times --grad-accum-steps). timm options this
-recipe does not support stop with a one-line reason (README: the option table). The loop lives in
+recipe does not support stop with a one-line reason (docs/recipe.md: the option table). The loop lives in
 timm_mltp/engine.py.
 """
 import argparse
@@ -129,11 +129,71 @@ class Refused(argparse.Action):
                               f"{REFUSED[self.option_strings[0]][1]}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's help line ends with its default, so that --help alone answers "what happens if I leave it"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _fill_help(parser: ArgumentParser) -> None:
+    """timm's options without a help line of their own mean what they mean in timm's train.py; saying so lets the
+    formatter show their default."""
+    for action in parser._actions:
+        if action.help is None:
+            action.help = "as in timm's train.py"
+
+
+def _mltp_options(p: ArgumentParser) -> None:
+    """The MLTP group, first in --help: the options this recipe adds to timm's."""
+    g = p.add_argument_group("MLTP (the method; timm's own options follow)")
+    g.add_argument("--variant", default=D.variant,
+                   help="parameters the inner step moves: full | conv | fc | head | glob patterns over parameter "
+                        "names, e.g. 'layer4.*,fc.*' (exact second order, 2-3x a standard step on a CPU); fo (first "
+                        "order, about 1.0-1.3x): take it when the step's cost matters; none: standard training "
+                        "through the same code, the baseline (default: %(default)s)")
+    g.add_argument("--gamma", type=float, default=D.gamma,
+                   help="weight of task j, in (0, 1]; 0.5 keeps the loss on ordinary training's scale, so learning "
+                        "rates carry over: change it to study the method (default: %(default)s)")
+    g.add_argument("--alpha-rule", default=None, choices=ALPHA_RULES,
+                   help="how the inner step size is set each step; optimizer makes it one real step of your "
+                        "optimizer, and is the rule to keep; lr reproduces old runs, the others are experiments "
+                        "(docs/method.md) (default: fixed with --alpha, else optimizer)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="a fixed inner step size; giving it selects rule fixed (default: none, the rule decides)")
+    g.add_argument("--alpha-scale", type=float, default=D.alpha_scale,
+                   help="rules lr, clip, update, preconditioned, optimizer: multiplies their step; online: its "
+                        "starting factor; change it for an inner step shorter or longer than a real step "
+                        "(default: %(default)s)")
+    g.add_argument("--relative-step", type=float, default=D.relative_step,
+                   help="rule relative only: ||inner step|| / ||w_S|| (default: %(default)s)")
+    g.add_argument("--second-order", default=D.second_order, choices=["auto", "exact", "fd"],
+                   help="exact (double backward), fd (finite differences of gradients, no double backward) or "
+                        "auto (exact wherever double backward works, fd otherwise, with a check for kinks); force "
+                        "exact or fd only to compare them (default: %(default)s)")
+    g.add_argument("--auto-timing", action="store_true",
+                   help="--second-order auto: also time one step of exact and of fd where fd is accurate, and keep "
+                        "fd where faster; the choice then depends on the machine's load, so a seed's run may not "
+                        "repeat (default: off: exact wherever double backward works)")
+    g.add_argument("--curvature-fraction", type=float, default=D.curvature_fraction,
+                   help="exact and fd: H_i v from this random fraction of task i, in (0, 1]; set 0.25 where a pass "
+                        "costs in proportion to its batch (GPUs, 96 px and up on a CPU): exact then costs about "
+                        "1.5x a standard step; keep 1 on small images (docs/performance.md) (default: %(default)s)")
+    g.add_argument("--bn-update", default=D.bn_update, choices=["both", "first"],
+                   help="BatchNorm running statistics from both passes, or from task i's pass only "
+                        "(default: %(default)s)")
+
+
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(usage="python recipes/train.py [-c FILE] [options]", description=__doc__,
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("-c", "--config", default=None, metavar="FILE", help="YAML file of options (a run's args.yaml); "
                                                                         "the command line overrides it")
     p.add_argument("data", nargs="?", default=None, metavar="DIR", help="timm's deprecated positional --data-dir")
+    _mltp_options(p)
     g = p.add_argument_group("dataset")
     g.add_argument("--dataset", default=None, help="hub id (or timm's hfds/ID) or local path `datasets` can load "
                                                    "(default: the shipped Fashion-MNIST subset)")
@@ -143,7 +203,8 @@ def build_parser() -> ArgumentParser:
                    help="default: validation, test or val, whichever exists")
     g.add_argument("--input-key", "--image-column", dest="image_column", default=None)
     g.add_argument("--target-key", "--label-column", dest="label_column", default=None)
-    g.add_argument("--max-train-samples", type=int, default=None)
+    g.add_argument("--max-train-samples", type=int, default=None, metavar="N",
+                   help="train on N samples of the training split: quick trials (default: all)")
     g.add_argument("--train-num-samples", type=int, default=None,
                    help="streamed data (hfids/, wds/): samples in one epoch, all processes together (default: the "
                         "size the dataset states)")
@@ -151,7 +212,8 @@ def build_parser() -> ArgumentParser:
                    help="streamed data: samples in the training shuffle buffer; 0: the stream's order "
                         "(default: %(default)s)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=D.model, help="timm model name (default: %(default)s)")
+    g.add_argument("--model", default=D.model,
+                   help="timm model name (default: %(default)s, for small images; timm: resnet50)")
     g.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs the hub)")
     g.add_argument("--pretrained-path", default=None, help="local weights file, loaded as timm loads pretrained "
                                                            "weights (size-dependent tensors resampled, another "
@@ -171,7 +233,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--std", type=float, nargs="+", default=None)
     g.add_argument("--interpolation", default=None, help="resize interpolation (default: the model's)")
     g.add_argument("-b", "--batch-size", type=int, default=D.batch_size,
-                   help="size of ONE task: a step takes 2 x this per process (default: %(default)s)")
+                   help="size of ONE task: a step takes 2 x this per process (default: %(default)s; timm: 128)")
     g.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: 4 x batch size")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--grad-accum-steps", type=int, default=D.grad_accum_steps,
@@ -196,7 +258,7 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--opt-eps", type=float, default=None)
     g.add_argument("--opt-betas", type=float, nargs="+", default=None)
     g.add_argument("--momentum", type=float, default=D.momentum)
-    g.add_argument("--weight-decay", type=float, default=D.weight_decay, help="(default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=D.weight_decay, help="(default: %(default)s; timm: 2e-5)")
     g.add_argument("--clip-grad", type=float, default=None, metavar="NORM")
     g.add_argument("--clip-mode", default=D.clip_mode, help="norm, value or agc")
     g.add_argument("--layer-decay", type=float, default=None,
@@ -207,8 +269,11 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("learning-rate schedule")
     g.add_argument("--sched", default=D.sched, help="timm scheduler name (default: %(default)s)")
     g.add_argument("--sched-on-updates", action=argparse.BooleanOptionalAction, default=D.sched_on_updates,
-                   help="step the schedule every update, not every epoch (default: on)")
-    g.add_argument("--lr", type=float, default=D.lr, help="(default: %(default)s)")
+                   help="step the schedule every update; --no-sched-on-updates steps it per epoch, as timm does "
+                        "(default: on)")
+    g.add_argument("--lr", type=float, default=D.lr,
+                   help="learning rate; timm's --lr-base scaling is refused, so give it for your batch "
+                        "(default: %(default)s)")
     g.add_argument("--lr-noise", type=float, nargs="+", default=None)
     g.add_argument("--lr-noise-pct", type=float, default=D.lr_noise_pct)
     g.add_argument("--lr-noise-std", type=float, default=D.lr_noise_std)
@@ -218,10 +283,10 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--lr-k-decay", type=float, default=D.lr_k_decay)
     g.add_argument("--warmup-lr", type=float, default=D.warmup_lr)
     g.add_argument("--min-lr", type=float, default=D.min_lr)
-    g.add_argument("--epochs", type=int, default=D.epochs, help="(default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=D.epochs, help="(default: %(default)s, a short run; timm: 300)")
     g.add_argument("--decay-milestones", type=int, nargs="+", default=list(D.decay_milestones))
     g.add_argument("--decay-epochs", type=float, default=D.decay_epochs)
-    g.add_argument("--warmup-epochs", type=int, default=D.warmup_epochs, help="(default: %(default)s)")
+    g.add_argument("--warmup-epochs", type=int, default=D.warmup_epochs, help="(default: %(default)s; timm: 5)")
     g.add_argument("--warmup-prefix", action="store_true")
     g.add_argument("--cooldown-epochs", type=int, default=D.cooldown_epochs)
     g.add_argument("--patience-epochs", type=int, default=D.patience_epochs)
@@ -229,11 +294,12 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("augmentation and regularisation (mixup and cutmix mix within each task)")
     g.add_argument("--no-aug", action="store_true")
     g.add_argument("--train-crop-mode", default=None)
-    g.add_argument("--scale", type=float, nargs="+", default=list(D.scale), help="(default: %(default)s)")
+    g.add_argument("--scale", type=float, nargs="+", default=list(D.scale),
+                   help="random-resized-crop scale range (default: %(default)s; timm: 0.08 1.0)")
     g.add_argument("--ratio", type=float, nargs="+", default=list(D.ratio))
     g.add_argument("--hflip", type=float, default=D.hflip)
     g.add_argument("--vflip", type=float, default=D.vflip)
-    g.add_argument("--color-jitter", type=float, default=D.color_jitter, help="(default: %(default)s)")
+    g.add_argument("--color-jitter", type=float, default=D.color_jitter, help="(default: %(default)s; timm: 0.4)")
     g.add_argument("--color-jitter-prob", type=float, default=None)
     g.add_argument("--grayscale-prob", type=float, default=None)
     g.add_argument("--gaussian-blur-prob", type=float, default=None)
@@ -252,8 +318,9 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--mixup-switch-prob", type=float, default=D.mixup_switch_prob)
     g.add_argument("--mixup-mode", default=D.mixup_mode)
     g.add_argument("--mixup-off-epoch", type=int, default=D.mixup_off_epoch)
-    g.add_argument("--smoothing", type=float, default=D.smoothing, help="label smoothing (default: %(default)s)")
-    g.add_argument("--train-interpolation", default=None, help="default: the model's")
+    g.add_argument("--smoothing", type=float, default=D.smoothing,
+                   help="label smoothing (default: %(default)s; timm: 0.1)")
+    g.add_argument("--train-interpolation", default=None, help="default: the model's (timm: random)")
     g.add_argument("--drop", dest="drop_rate", type=float, default=D.drop_rate, help="dropout rate")
     g.add_argument("--drop-path", dest="drop_path_rate", type=float, default=None)
     g.add_argument("--drop-block", dest="drop_block_rate", type=float, default=None)
@@ -264,28 +331,6 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--model-ema-force-cpu", action="store_true", help="keep the EMA on the CPU, not evaluated")
     g.add_argument("--model-ema-decay", type=float, default=D.model_ema_decay)
     g.add_argument("--model-ema-warmup", action="store_true")
-    g = p.add_argument_group("MLTP")
-    g.add_argument("--variant", default=D.variant, help="none | full | conv | fc | fo | head | glob patterns over "
-                                                        "parameter names, e.g. 'layer4.*,fc.*' (default: %(default)s)")
-    g.add_argument("--gamma", type=float, default=D.gamma, help="weight of task j, in (0, 1]")
-    g.add_argument("--alpha-rule", default=None, choices=ALPHA_RULES,
-                   help="how the inner step size is chosen each step (default: fixed with --alpha, else optimizer)")
-    g.add_argument("--alpha", type=float, default=None, help="rule fixed: the inner step size")
-    g.add_argument("--alpha-scale", type=float, default=D.alpha_scale,
-                   help="rules lr, clip, update, preconditioned, optimizer: multiplies their step; online: its "
-                        "starting factor (default: %(default)s)")
-    g.add_argument("--relative-step", type=float, default=D.relative_step,
-                   help="rule relative: ||inner step|| / ||w_S|| (default: %(default)s)")
-    g.add_argument("--second-order", default=D.second_order, choices=["auto", "exact", "fd"])
-    g.add_argument("--auto-timing", action="store_true",
-                   help="--second-order auto: also time one step of exact and of fd where fd is accurate, and keep "
-                        "fd where faster; the choice then depends on the machine's load, so a seed's run may not "
-                        "repeat (default: off: exact wherever double backward works)")
-    g.add_argument("--curvature-fraction", type=float, default=D.curvature_fraction,
-                   help="exact and fd: H_i v from this random fraction of task i, in (0, 1]; 0.25 roughly halves exact's "
-                        "cost where a pass costs in proportion to its batch (GPUs, larger images; README) "
-                        "(default: %(default)s)")
-    g.add_argument("--bn-update", default=D.bn_update, choices=["both", "first"])
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=D.seed)
     g.add_argument("--deterministic", action="store_true",
@@ -293,7 +338,7 @@ def build_parser() -> ArgumentParser:
                         "the same run to the bit on GPUs too, at some speed; an op without a deterministic "
                         "kernel then stops the run with an error (default: off)")
     g.add_argument("-j", "--workers", type=int, default=None, help="loader processes (default: 4 with a GPU, 0 on "
-                                                                   "the CPU)")
+                                                                   "the CPU, where the math uses every core)")
     g.add_argument("--pin-mem", action="store_true")
     g.add_argument("--log-interval", type=int, default=D.log_interval, help="optimizer steps between log lines")
     g.add_argument("--log-with", nargs="+", default=None, metavar="TRACKER",
@@ -332,6 +377,7 @@ def build_parser() -> ArgumentParser:
     for flag in REFUSED:
         extra = ["--train-steps-per-epoch"] if flag == "--train-batches-per-epoch" else []
         p.add_argument(flag, *extra, action=Refused)
+    _fill_help(p)
     return p
 
 

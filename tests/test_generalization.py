@@ -1,13 +1,15 @@
 """benchmarks/generalization.py and its package benchmarks/study/: the quick underfit matrix runs through both
 paths (engine and MLTPTrainer) and a rerun skips it, an old-format CSV is read and upgraded, the report turns a CSV
 into the doc (verdicts per setting) and the plot, a setting the engine cannot run yet is skipped, and the SAM step
-is SAM's."""
+is SAM's. Issue 24: the equal-compute epochs by hand from a cost ratio, their planning from the CSV, both
+comparisons in the report with the verdict at equal compute, the commit with every row, and the rerun tool on a
+tiny row."""
 import copy
 import csv
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -62,10 +64,29 @@ def test_quick_underfit_runs_both_paths_and_a_rerun_skips_them(tmp_path):
         assert float(by[path, "none"]["mean_relative_step"]) == 0.0 and by[path, "none"]["mean_update_ratio"] == ""
         assert 0 < float(by[path, "fo"]["mean_relative_step"]) < 1     # MLTP's inner step, logged by either path
         assert float(by[path, "fo"]["mean_update_ratio"]) > 0
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert {(r["commit"], r["tree_clean"] in ("yes", "no")) for r in rows} == {(commit.strip(), True)}
     before = results.read_text()
     out = bench("--quick", "--csv", str(results))
     assert f"{len(rows)} already in" in out and "0 to go" in out
     assert results.read_text() == before
+
+    # the rerun tool on tiny rows: the engine's fo row as written, its none row with a top-1 one digit off, a row
+    # of the earlier D under AdamW and one of another device: two reruns, one match, one difference, two refusals
+    sample = tmp_path / "sample.csv"
+    append_row(sample, by["engine", "fo"])
+    append_row(sample, {**by["engine", "none"], "final_top1": f"{float(by['engine', 'none']['final_top1']) + 0.01:.3f}"})
+    append_row(sample, {**by["engine", "fo"], "setting": "adamw", "alpha_rule": "preconditioned", "commit": ""})
+    append_row(sample, {**by["engine", "sam"], "device": "another machine"})
+    result = subprocess.run([sys.executable, str(SCRIPT), "--rerun-sample", "10", "--quick", "--csv", str(sample)],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]      # not every row matched
+    out = result.stdout
+    assert "4 rows in" in out and "2 can be rerun here" in out
+    assert "cannot be rerun: 1 row(s) made with the earlier D" in out and "made on 'another machine'" in out
+    assert f"matches to the last digit: underfit engine test_convnext fo ({DEFAULT_RULE}) seed 0" in out
+    assert "DIFFERS: underfit engine test_convnext none (-) seed 0" in out and "final_top1" in out.split("DIFFERS")[1]
+    assert "1 of 2 rerun row(s) match to the last digit" in out
 
 
 OLD_COLUMNS = ["device", "method", "model", "seed", "epochs", "train_samples", "samples_seen", "optimizer_steps",
@@ -176,7 +197,8 @@ def synthetic_rows():
                      "mean_grad_cosine": "" if method == "sam" else 0.3,
                      "mean_relative_step": "" if method == "sam" else (0.0 if method == "none" else step),
                      "mean_update_ratio": "" if method in BASELINES else 0.6, "gamma": kw.pop("gamma", 0.5),
-                     "alpha_scale": kw.pop("alpha_scale", 1.0), "batch_size": 64, "lr": 0.05})
+                     "alpha_scale": kw.pop("alpha_scale", 1.0), "batch_size": 64, "lr": 0.05,
+                     "commit": kw.pop("commit", "")})
 
     wobble, noise = (0.0, 0.2, -0.2), (0.0, 0.4, -0.3)   # seed-to-seed changes of a gain
     for model in ("net_a", "net_b"):
@@ -199,8 +221,12 @@ def synthetic_rows():
         add("short", "full", seed, 87.2 + seed, rule="lr")
     for seed in range(3):   # under AdamW: the preconditioned rule gains 0.5, the old default (update) loses 3
         add("adamw", "none", seed, 50.0 + seed, path="hf-trainer")
-        add("adamw", "fo", seed, 50.5 + seed, path="hf-trainer", rule="preconditioned")
+        add("adamw", "fo", seed, 50.5 + seed, path="hf-trainer", rule="preconditioned", commit="abc")
         add("adamw", "fo", seed, 47.0 + seed, path="hf-trainer", rule="update")
+        # the earlier D (no commit recorded): shown in its group, never pooled (else net_a's preconditioned fo
+        # would pool 6 pairs)
+        add("finetune", "none", seed, 60.0 + seed)
+        add("finetune", "fo", seed, 70.0 + seed, rule="preconditioned")
     for gamma in GAMMAS:
         for scale in ALPHA_SCALES:
             if (gamma, scale) != (0.5, 1.0):
@@ -222,7 +248,7 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     recipe, short = sections["`timm-recipe`"], sections["`short`"]
     # the table: mean ± std, paired differences to none and to SAM, relative inner step, cost
     assert "| net_a | fo | optimizer | 82.00 ± 0.92 (n=3) |" in underfit
-    assert "| 1.00 ± 0.20 (n=3) | 1.00 ± 0.35 (n=3) | 1.0e-03 ± 0.0e+00 (n=3) | 0.60 ± 0.00 (n=3) | " \
+    assert "| 1.00 ± 0.20 (n=3) | - | 1.00 ± 0.35 (n=3) | 1.0e-03 ± 0.0e+00 (n=3) | 0.60 ± 0.00 (n=3) | " \
         "0.300 ± 0.000 (n=3) | - | 1.00x (10 s) |" in underfit
     assert "| net_a | sam | - |" in underfit and "2.00x (20 s)" in underfit
     # the verdicts a user acts on
@@ -244,14 +270,18 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert "#### Sensitivity: full (lr) on net_a, final top-1" in short and "| full | lr |" in short
     # the summary at the top: one verdict per group
     summary = text.split("## Verdicts", 1)[1].split("## Setting", 1)[0]
-    assert summary.count("\n- `") == 6 and "- `overfit`, engine, 1,000 training images" in summary
+    assert summary.count("\n- `") == 7 and "- `overfit`, engine, 1,000 training images" in summary
     # pooled over the current settings (not `short`): net_a's fo has 3 + 3 + 2 pairs, 5 better and 3 worse
     pooled = text.split("## Pooled over settings", 1)[1].split("## Setting", 1)[0]
-    assert "settings `underfit`, `overfit`, `timm-recipe`, `adamw`, `finetune` (" in pooled
+    assert "settings `underfit`, `overfit`, `timm-recipe`, `adamw`, `finetune`, `converged`, `converged-adamw` (" in pooled
     assert "| net_a | fo | optimizer | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in pooled
     assert "| net_b | sam | - | 6 | 0.00 ± 0.34 (n=6) | 2 / 2 | 1.000 | - | - |" in pooled
     assert "full" not in pooled
     assert "| net_a | fo | preconditioned | 3 | 0.50 ± 0.00 (n=3) | 3 / 0 |" in pooled
+    finetune = sections["`finetune`"]
+    assert ("- Not reproducible with the code as shipped (left out of the pooled tables): fo (preconditioned) on "
+            "net_a, seeds 0, 1, 2: made with the earlier D") in finetune
+    assert "- 3 row(s) made with the earlier D" in text
     assert "| net_a | fo | update | 3 | -3.00 ± 0.00 (n=3) | 0 / 3 |" in pooled
     # per optimizer family, the default only: the recipe's SGD + momentum settings, AdamW's preconditioned rows
     family = text.split("## The default per optimizer family", 1)[1].split("## Setting", 1)[0]
@@ -326,8 +356,9 @@ def test_runs_at_rho_below_1_enter_only_the_curvature_section(tmp_path):
     append_row(sampled, {**fo[0], "method": "conv", "seed": 5, "curvature_fraction": 0.25})
     report(plain, tmp_path / "plain" / "g.md")
     report(sampled, tmp_path / "sampled" / "g.md")
-    before = (tmp_path / "plain" / "g.md").read_text().split("\n")
-    after = (tmp_path / "sampled" / "g.md").read_text().split("\n")
+    # the lines but the one counting rows by their recorded commit
+    before, after = [[line for line in (tmp_path / name / "g.md").read_text().split("\n") if not line.startswith("Code: ")]
+                     for name in ("plain", "sampled")]
     section = after.index("## Curvature from a sample (rho)")
     end = after.index("", section + 4)       # the heading, a blank line, the text, a blank line, the table
     assert "Curvature" not in "\n".join(before)
@@ -359,3 +390,108 @@ def test_pooled_cells_name_the_adaptive_default_preconditioned_and_count_a_seed_
     assert sorted(cells) == [("m", "conv", "preconditioned"), ("m", "full", "preconditioned"), ("m", "none", "-")]
     assert sorted((r["seed"], r["final_top1"]) for r in cells["m", "full", "preconditioned"]) == [(0, 61.0), (1, 62.0)]
     assert ("m", "full", DEFAULT_RULE) in pooled_cells(runs, "SGD + momentum")
+
+
+def test_equal_compute_epochs_from_a_cost_ratio_by_hand():
+    from study.settings import equal_compute_epochs
+    assert equal_compute_epochs(30, 2.4) == 72            # 30 x 2.4
+    assert equal_compute_epochs(30, 1.15) == 35           # 34.5: halves round up
+    assert equal_compute_epochs(5, 1.3) == 7              # 6.5
+    assert equal_compute_epochs(40, 1.01) == 40           # 40.4
+    assert equal_compute_epochs(40, 0.9) == 40            # never fewer epochs than the method's own
+    # the same schedule shape: AdamW's 2 warmup epochs of 30 become 5 of 72 (4.8), the cosine runs over all 72
+    run = Run("converged-adamw", "engine", "none", "convnext_atto", 3, 72, 3000, "-", compute_of="full",
+              base_epochs=30, cost_ratio=2.4)
+    options = paths.train_options(run, None, "")
+    assert (options["epochs"], options["warmup_epochs"], options["variant"]) == (72, 5, "none")
+    assert paths.train_options(Run("converged-adamw", "engine", "none", "convnext_atto", 3, 30, 3000, "-"), None,
+                               "")["warmup_epochs"] == 2
+    assert paths.train_options(replace(run, model="vit_tiny_patch16_224"), None, "")["model_kwargs"] == {
+        "patch_size": 4}
+
+
+def csv_row(method, seed, seconds, top1=80.0, model="resnet18", epochs=30, **kw):
+    """A finished converged run as the CSV holds it (strings)."""
+    run = Run("converged", "engine", method, model, seed, epochs, 3000, "-" if method in BASELINES else DEFAULT_RULE,
+              **kw)
+    row = {c: "" for c in COLUMNS} | {k: "" if v is None else str(v) for k, v in asdict(run).items()}
+    return row | {"device": "gpu test", "wall_seconds": str(seconds), "final_top1": str(top1)}
+
+
+def test_equal_compute_runs_are_planned_from_the_measured_ratio_once_two_seeds_are_in():
+    from study.matrix import Planner, measured_cost_ratio
+    base = plan("converged", "main", ("none", "full", "sam"), ("resnet18",), (0, 1, 2), DEFAULT_RULE)
+    planner = Planner(base, ("full", "sam"), "gpu test")
+    rows = [csv_row("none", 0, 10.0), csv_row("full", 0, 24.0)]
+    assert planner(rows) == base                           # one seed: no ratio yet
+    rows += [csv_row("none", 1, 10.0), csv_row("full", 1, 26.0), csv_row("sam", 1, 20.0),
+             csv_row("full", 1, 99.0, model="convnext_atto")]   # another model: not paired
+    full = next(r for r in base if r.method == "full")
+    assert measured_cost_ratio(rows, "gpu test", full) == 2.5   # (24 + 26) / (10 + 10), seeds 0 and 1
+    extra = [r for r in planner(rows) if r not in base]
+    # full: 30 x 2.5 = 75 epochs of none, for every seed; sam has one paired seed only
+    assert {(r.method, r.compute_of, r.epochs, r.base_epochs, r.cost_ratio) for r in extra} == {
+        ("none", "full", 75, 30, 2.5)}
+    assert sorted(r.seed for r in extra) == [0, 1, 2]
+    # a ratio once taken is kept: a slower seed later changes nothing in this session ...
+    rows += [csv_row("none", 2, 10.0), csv_row("full", 2, 40.0)]
+    assert {r.epochs for r in planner(rows) if r.compute_of == "full"} == {75}
+    # ... nor in the next, which reads it from the equal-compute rows already in the CSV
+    done = csv_row("none", 0, 31.0, epochs=75, compute_of="full", base_epochs=30, cost_ratio=2.5)
+    assert {r.epochs for r in Planner(base, ("full",), "gpu test")(rows + [done]) if r.compute_of} == {75}
+    # the key tells an equal-compute run from a plain `none` run of the same epochs
+    assert key(done) != key(csv_row("none", 0, 31.0, epochs=75))
+
+
+def test_a_row_cut_short_is_left_out_and_old_rows_read_as_unknown_code(tmp_path):
+    results = tmp_path / "cut.csv"
+    append_row(results, csv_row("none", 0, 10.0))
+    with open(results, "a") as f:
+        f.write('"gpu test",converged,engine,full,resnet18,0,30')   # killed while writing
+    (row,) = read_rows(results)
+    assert row["method"] == "none" and row["commit"] == "" and row["tree_clean"] == ""
+    assert [r["base_epochs"] for r in read_rows(results)] == ["0"]
+
+
+def compute_rows():
+    """converged, SGD: on net_a full gains 1.0 at equal epochs (5 seeds) but loses 0.5 to none given its compute
+    (2.5x); sam gains 0.8 at equal epochs and 0.3 at equal compute, on every seed."""
+    rows = []
+    for seed in range(5):
+        wobble = 0.1 * (seed - 2)
+        rows.append(csv_row("none", seed, 10.0, 80.0 + seed, model="net_a"))
+        rows.append(csv_row("full", seed, 25.0, 81.0 + seed + wobble, model="net_a"))
+        rows.append(csv_row("sam", seed, 20.0, 80.8 + seed, model="net_a"))
+        rows.append(csv_row("none", seed, 25.0, 81.5 + seed + wobble, model="net_a", epochs=75, compute_of="full",
+                            base_epochs=30, cost_ratio=2.5))
+        rows.append(csv_row("none", seed, 20.0, 80.5 + seed, model="net_a", epochs=60, compute_of="sam",
+                            base_epochs=30, cost_ratio=2.0))
+    return rows
+
+
+def test_report_gives_both_comparisons_and_the_verdict_at_equal_compute(tmp_path):
+    pytest.importorskip("matplotlib")
+    results, doc = tmp_path / "results.csv", tmp_path / "g.md"
+    for row in compute_rows():
+        append_row(results, row | {"final_train_loss": "0.01", "test_loss": "0.4", "commit": "abc", "tree_clean": "yes",
+                                   "gamma": "0.5", "alpha_scale": "1.0"})
+    report(results, doc)
+    text = doc.read_text()
+    section = text.split("## Does MLTP pay for its cost? Equal compute", 1)[1].split("## Verdicts", 1)[0]
+    # by hand: full - none = 1.0 + wobble (mean 1.00, std 0.16); full - none at 75 epochs = -0.5 on every seed;
+    # five pairs of one sign: sign-flip p 2/32 = 0.0625 < 0.1
+    assert ("| SGD + momentum | net_a | full | 5 | 2.50x | 30 / 75 | 1.00 ± 0.16 (n=5) | 0.062 | -0.50 ± 0.00 (n=5) | "
+            "0.062 | loses |") in section
+    assert ("| SGD + momentum | net_a | sam | 5 | 2.00x | 30 / 60 | 0.80 ± 0.00 (n=5) | 0.062 | 0.30 ± 0.00 (n=5) | "
+            "0.062 | pays |") in section
+    assert ("- net_a, SGD + momentum: MLTP **does not pay** at equal compute (top-1 minus standard training run as "
+            "long as the method took, paired by seed): full -0.50 ± 0.00 (p 0.062, 5 seeds). SAM: sam +0.30 ± 0.00 "
+            "(p 0.062, 5 seeds).") in section
+    # the group's table (top-1 std 1.1 x std(0..4) = 1.74): the equal-compute column beside the equal-epoch one;
+    # equal-compute runs make no cell of their own
+    group = text.split("## Setting `converged`", 1)[1]
+    assert "| net_a | full | optimizer | 83.00 ± 1.74 (n=5) | 0.4000 ± 0.0000 (n=5) | 0.0100 ± 0.0000 (n=5) | " \
+        "1.00 ± 0.16 (n=5) | -0.50 ± 0.00 (n=5) | 0.20 ± 0.16 (n=5) |" in group
+    assert group.count("| net_a | none |") == 1
+    assert "Code: 25 of 25 rows record their commit (25 from a clean tree, 1 commit(s))" in text
+    assert doc.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

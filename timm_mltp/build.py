@@ -327,8 +327,8 @@ def _too_few(samples: int, args: TrainArgs, world_size: int, what: str) -> MLTPC
 
 def _one_shard_at_a_time(stream) -> dict:
     """IterableDataset.shuffle's keyword for it, where datasets has one (>= 5)."""
-    return {"max_buffer_input_shards": 1} if "max_buffer_input_shards" in inspect.signature(stream.shuffle).parameters \
-        else {}
+    keywords = inspect.signature(stream.shuffle).parameters
+    return {"max_buffer_input_shards": 1} if "max_buffer_input_shards" in keywords else {}
 
 
 def build_loaders(args: TrainArgs, model: nn.Module, data: ImageDataset, world_size: int, rank: int = 0) -> Loaders:
@@ -468,4 +468,5 @@ def build_ema(args: TrainArgs, model: nn.Module) -> ModelEmaV3 | None:
 
 __all__ = ["build_run", "Run", "Loaders", "check_args", "mltp_config", "check_model_name", "build_model",
            "compile_model", "build_transforms", "build_loaders", "build_stream_loaders", "build_mixup",
-           "build_train_loss", "build_optimizer", "build_scheduler", "build_ema", "image_size", "uses_shipped_data", "mixup_active", "EVAL_METRICS"]
+           "build_train_loss", "build_optimizer", "build_scheduler", "build_ema", "image_size", "uses_shipped_data",
+           "mixup_active", "EVAL_METRICS"]

@@ -4,12 +4,17 @@
     tf = create_transforms(model, img_size=32, scale=(0.8, 1.0))
     train = apply_transforms(ds.train, tf, ds.image_column, ds.label_column)
     loader = DataLoader(train, batch_size=64, shuffle=True, collate_fn=collate_image_batch)
+
+Streamed data (timm's `hfids/NAME_OR_PATH` and `wds/SHARDS`) loads as `datasets.IterableDataset`s; `StreamedSplit`
+turns one process's part of such a split into an epoch of loader batches that a resumed run reproduces exactly.
 """
 import io
+import itertools
 import logging
 import os
 import random
 import re
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -24,7 +29,7 @@ from timm_mltp.errors import MLTPConfigError
 __all__ = [
     "DEFAULT_DATASET", "ImageDataset", "load_image_dataset", "create_transforms",
     "apply_transforms", "collate_image_batch", "convert_image", "SeededAugmentation", "SkipUnreadable",
-    "UnreadableData", "check_unreadable_share", "mix_within_tasks",
+    "UnreadableData", "check_unreadable_share", "mix_within_tasks", "StreamedSplit", "is_streamed", "image_transform",
 ]
 
 _logger = logging.getLogger("timm_mltp")
@@ -34,11 +39,12 @@ _logger = logging.getLogger("timm_mltp")
 DEFAULT_DATASET = Path(__file__).resolve().parent / "data" / "fashion_mnist_small"
 
 IMAGE_COLUMNS = ("image", "img", "pixel_values", "images")
-LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label", "class", "target")
+LABEL_COLUMNS = ("label", "labels", "fine_label", "coarse_label", "class", "target", "cls")   # cls: webdataset
 EVAL_SPLITS = ("validation", "test", "val")
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-# timm's dataset types other than hfds/ (timm.data.create_dataset)
-TIMM_DATASET_TYPES = ("torch", "tfds", "wds", "hfids")
+# timm's dataset types (timm.data.create_dataset): hfds/ is read map-style, these two streamed, the rest refused
+STREAMED_TYPES = ("hfids", "wds")
+TIMM_DATASET_TYPES = ("torch", "tfds")
 # huggingface_hub's repo id shape: optional "owner/" then a name.
 HUB_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]{1,96}$")
 # List/LargeList are new in datasets 4 (Sequence before); getattr keeps older versions working.
@@ -48,12 +54,22 @@ _ARRAY_FEATURES = tuple(getattr(datasets, n) for n in ("Sequence", "List", "Larg
 
 @dataclass
 class ImageDataset:
-    train: datasets.Dataset
-    eval: Optional[datasets.Dataset]  # None when the source has no eval split and none was asked for
+    train: Union[datasets.Dataset, datasets.IterableDataset]   # IterableDataset: streamed (hfids/, wds/)
+    eval: Optional[Union[datasets.Dataset, datasets.IterableDataset]]  # None: the source has no eval split
     image_column: str
     label_column: str
-    num_classes: int
+    num_classes: Optional[int]        # None: a streamed split with integer labels (give --num-classes)
     class_names: Optional[list[str]]
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.train, datasets.IterableDataset)
+
+
+def is_streamed(name_or_path: Union[str, os.PathLike, None]) -> bool:
+    """timm's `hfids/...` or `wds/...`, unless a local path of that name exists (then it is read map-style)."""
+    kind, _, name = str(name_or_path).partition("/")
+    return kind in STREAMED_TYPES and bool(name) and not Path(str(name_or_path)).exists()
 
 
 def load_image_dataset(
@@ -65,9 +81,12 @@ def load_image_dataset(
 ) -> ImageDataset:
     """Load an image classification dataset: a Hub id (also as timm's `hfds/ID`), a local data folder or
     file, an imagefolder, or a `save_to_disk` folder. `None` loads the shipped Fashion-MNIST subset
-    (`DEFAULT_DATASET`)."""
+    (`DEFAULT_DATASET`). Streamed (`datasets.IterableDataset` splits, images left undecoded so that an unreadable
+    one can be skipped): `hfids/` and a Hub id or local folder or file of parquet/image shards, `wds/` and
+    webdataset tar shards (a folder, a file, a glob or a URL)."""
+    streamed = is_streamed(name_or_path)
     source = _strip_timm_prefix(str(DEFAULT_DATASET if name_or_path is None else name_or_path))
-    dd = _load(source)
+    dd = _load_stream(str(name_or_path).partition("/")[0], source) if streamed else _load(source)
 
     train_split = train_split or "train"
     if train_split not in dd:
@@ -84,6 +103,10 @@ def load_image_dataset(
     eval_ = dd[eval_split] if eval_split else None
 
     features = train.features
+    if features is None:   # a stream whose files do not state their columns' types
+        raise MLTPConfigError(
+            f"Dataset {source!r}: the stream does not state its columns' types; store the shards as parquet (with "
+            f"an Image and a ClassLabel column) or as webdataset tars (image and .cls files).")
     image_column = _pick_column(source, features, image_column, IMAGE_COLUMNS, datasets.Image, "image")
     label_column = _pick_column(source, features, label_column, LABEL_COLUMNS, datasets.ClassLabel, "label")
     if image_column == label_column:
@@ -103,20 +126,25 @@ def load_image_dataset(
     label_feature = splits["train"].features[label_column]
     if isinstance(label_feature, datasets.ClassLabel):
         num_classes, class_names = label_feature.num_classes, list(label_feature.names)
+    elif streamed:   # a stream cannot be scanned for its largest label
+        num_classes, class_names = None, None
     else:
         num_classes, class_names = 1 + max(_max_label(source, d, label_column) for d in splits.values()), None
+    if streamed:     # the two columns only (webdataset adds __key__, __url__)
+        splits = {k: d.select_columns([image_column, label_column]) for k, d in splits.items()}
     return ImageDataset(splits["train"], splits.get("eval"), image_column, label_column, num_classes, class_names)
 
 
 def _strip_timm_prefix(source: str) -> str:
-    """timm names a dataset `<type>/<name>`; `hfds/` (a Hugging Face hub dataset) is what this loader reads."""
+    """timm names a dataset `<type>/<name>`; `hfds/` (map-style), `hfids/` and `wds/` (streamed) are read here."""
     kind, _, name = source.partition("/")
-    if kind == "hfds" and name:
+    if kind in ("hfds", *STREAMED_TYPES) and name and not Path(source).exists():
         return name
     if kind in TIMM_DATASET_TYPES and name and not Path(source).exists():
         raise MLTPConfigError(
             f"Dataset {source!r}: timm's {kind}/ datasets are read by timm's own loaders, which this recipe does "
-            f"not use; give a Hugging Face hub id (hfds/ID or ID), or a local folder or file.")
+            f"not use; give a Hugging Face hub id (hfds/ID or ID; hfids/ID streams it), webdataset shards (wds/PATH), "
+            f"or a local folder or file.")
     return source
 
 
@@ -147,6 +175,32 @@ def _load(source: str) -> datasets.DatasetDict:
     return loaded
 
 
+def _load_stream(kind: str, source: str) -> datasets.IterableDatasetDict:
+    """`datasets.load_dataset(..., streaming=True)`. wds/ goes through datasets' "webdataset" builder rather than
+    timm's wds reader: it needs no `webdataset` package, and the stream is then a `datasets.IterableDataset` like
+    hfids/'s, so one path (shuffle buffer, split_dataset_by_node, exact resume) serves both."""
+    path = Path(source).expanduser()
+    if kind == "wds":
+        shards = {"data_dir": str(path)} if path.is_dir() else {"data_files": {"train": source}}
+        loaded = _call_load_dataset(f"{kind}/{source}", "webdataset", streaming=True, **shards)
+    elif path.is_dir():
+        loaded = _call_load_dataset(f"{kind}/{source}", str(path), streaming=True)
+    elif path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower(), "webdataset" if path.suffix == ".tar" else None)
+        if builder is None:
+            raise MLTPConfigError(f"Dataset file {kind}/{source!r} has an unsupported type; expected one of "
+                                  f"{sorted(FILE_BUILDERS)} or .tar, or a folder of shards, or a Hub id.")
+        loaded = _call_load_dataset(f"{kind}/{source}", builder, data_files={"train": str(path)}, streaming=True)
+    elif HUB_ID.match(source):
+        loaded = _load_hub(source, streaming=True)
+    else:
+        raise MLTPConfigError(f"Dataset {kind}/{source!r}: {source!r} is no local folder or file and no Hub dataset "
+                              f"id; give a folder of parquet/image/tar shards, a shard file, or a Hub id.")
+    if isinstance(loaded, datasets.IterableDataset):
+        loaded = datasets.IterableDatasetDict({"train": loaded})
+    return loaded
+
+
 def _call_load_dataset(source, *args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
@@ -157,9 +211,9 @@ def _call_load_dataset(source, *args, **kwargs):
             f"an imagefolder (one subfolder per class), or a save_to_disk folder.") from e
 
 
-def _load_hub(source):
+def _load_hub(source, streaming: bool = False):
     try:
-        return datasets.load_dataset(source)
+        return datasets.load_dataset(source, streaming=streaming)
     except Exception as e:
         if datasets.config.HF_HUB_OFFLINE or "offline" in str(e).lower():
             raise MLTPConfigError(
@@ -191,11 +245,15 @@ def _pick_column(source, features, given, candidates, feature_type, kind):
 
 
 def _prepare_image_column(source, ds, column):
+    """Images as datasets.Image; a stream's are left undecoded (the transform decodes them), so that an unreadable
+    one is skipped (StreamedSplit) instead of ending the stream's iterator."""
     feature = ds.features[column]
+    streamed = isinstance(ds, datasets.IterableDataset)
     if isinstance(feature, datasets.Image):
-        return ds
+        return ds.cast_column(column, datasets.Image(decode=False)) if streamed else ds
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        return ds.cast_column(column, datasets.Image())  # file paths (absolute, or relative to the cwd)
+        # file paths (absolute, or relative to the cwd)
+        return ds.cast_column(column, datasets.Image(decode=not streamed))
     if isinstance(feature, _ARRAY_FEATURES):
         return ds  # pixel arrays (HxW or HxWxC, uint8); converted per example in apply_transforms
     raise MLTPConfigError(
@@ -208,6 +266,10 @@ def _prepare_label_column(source, splits, column):
     if isinstance(feature, datasets.ClassLabel):
         return splits
     dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string") and isinstance(splits["train"], datasets.IterableDataset):
+        raise MLTPConfigError(
+            f"Dataset {source!r}: label column {column!r} holds class names, which a stream cannot be scanned for; "
+            f"store the labels as a ClassLabel feature or as integer ids (and give --num-classes).")
     if dtype in ("string", "large_string"):
         # Encode class names with one mapping across splits (DatasetDict.class_encode_column encodes each split alone).
         names = sorted(set().union(*(d.unique(column) for d in splits.values())) - {None})
@@ -326,6 +388,23 @@ class _ImageTransform:
             "labels": [int(y) for y in batch[self.label_column]],
         }
 
+    def one(self, row: dict) -> dict:
+        """One row (a streamed sample) as `{"pixel_values": tensor, "labels": int}`."""
+        return {"pixel_values": self.transform(convert_image(row[self.image_column], self.mode)),
+                "labels": int(row[self.label_column])}
+
+
+def image_transform(transform: Callable, image_column: str, label_column: str, in_chans: int,
+                    column_names) -> _ImageTransform:
+    """`transform` on a dataset's rows (checked: the columns exist, in_chans is 1 or 3)."""
+    if in_chans not in (1, 3):
+        raise MLTPConfigError(f"in_chans={in_chans!r} is not supported; expected 1 (grayscale) or 3 (RGB).")
+    for column, kind in ((image_column, "image"), (label_column, "label")):
+        if column not in column_names:
+            raise MLTPConfigError(f"Dataset has no {kind} column {column!r}; its columns are "
+                                  f"{column_names}. Pass one of these with --{kind}-column.")
+    return _ImageTransform(transform, image_column, label_column, "RGB" if in_chans == 3 else "L")
+
 
 def apply_transforms(dataset: datasets.Dataset, transform: Callable, image_column: str, label_column: str,
                      in_chans: int = 3) -> datasets.Dataset:
@@ -333,15 +412,8 @@ def apply_transforms(dataset: datasets.Dataset, transform: Callable, image_colum
 
     With the HF Trainer set `remove_unused_columns=False`, since the transform needs the raw columns.
     """
-    if in_chans not in (1, 3):
-        raise MLTPConfigError(f"in_chans={in_chans!r} is not supported; expected 1 (grayscale) or 3 (RGB).")
-    for column, kind in ((image_column, "image"), (label_column, "label")):
-        if column not in dataset.column_names:
-            raise MLTPConfigError(f"Dataset has no {kind} column {column!r}; its columns are "
-                                  f"{dataset.column_names}. Pass one of these with --{kind}-column.")
-    mode = "RGB" if in_chans == 3 else "L"
-    return dataset.with_transform(_ImageTransform(transform, image_column, label_column, mode),
-                                  columns=[image_column, label_column])
+    to_tensors = image_transform(transform, image_column, label_column, in_chans, dataset.column_names)
+    return dataset.with_transform(to_tensors, columns=[image_column, label_column])
 
 
 def collate_image_batch(examples: list) -> dict:
@@ -417,15 +489,110 @@ class SeededAugmentation(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        sample_seed = hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF
-        python_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)         # timm's crops draw from `random`
+        return seeded((self.seed, self.epoch, int(index)), self.dataset.__getitem__, int(index))
+
+
+def seeded(key: tuple, fn: Callable, *args):
+    """fn(*args) with torch's and Python's random draws seeded by `key` (a tuple of ints); the global random
+    states are left as they were."""
+    sample_seed = hash(key) & 0x7FFF_FFFF_FFFF_FFFF
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sample_seed)
+        random.seed(sample_seed)         # timm's crops draw from `random`
+        try:
+            return fn(*args)
+        finally:
+            random.setstate(python_state)
+
+
+class StreamedSplit(torch.utils.data.IterableDataset):
+    """One process's part of a streamed split (`datasets.IterableDataset`, already shuffled and split by node)
+    as loader batches of `batch_size` samples: `batches` of them per epoch (training), or one pass (None: eval).
+
+    Exact resume: the epoch's stream is a function of (seed, epoch) alone (`set_epoch`), sample n of it is
+    augmented from a generator seeded by (seed, epoch, rank, n), and `start_batch` batches are skipped by
+    reading past their samples undecoded. Loader workers: worker w of W builds batches w, w + W, ... (the order
+    in which the DataLoader takes them); each worker reads the process's stream and decodes only its own
+    batches' images, so the batches are the same with any number of workers.
+
+    A part shorter than an epoch is read again (its next pass shuffled anew). An unreadable sample is replaced
+    by the next readable one, as `SkipUnreadable` does, and counted in `skipped`.
+    """
+
+    READ_ROWS = 64    # rows taken from the stream at a time
+
+    def __init__(self, stream: datasets.IterableDataset, transform: Callable, split: str, batch_size: int,
+                 batches: Optional[int], seed: int = 0, rank: int = 0, max_in_row: int = 10):
+        self.stream, self.transform, self.split, self.batch_size = stream, transform, split, batch_size
+        self.batches, self.seed, self.rank, self.max_in_row = batches, seed, rank, max_in_row
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self):   # training: the samples of this process's epoch (the DataLoader's len is in batches)
+        if self.batches is None:
+            raise TypeError("a streamed eval split has no length")
+        return self.batches * self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rows(self):
+        """The epoch's undecoded rows in order; training reads further passes as needed."""
+        for repeat in itertools.count():
+            # a further pass of the epoch gets an order of its own, distinct from every epoch's first pass
+            self.stream.set_epoch(self.epoch + repeat * 1_000_003)
+            # iter(), not the dataset's __iter__: in a loader worker that one would read only some of its shards
+            count = 0
+            for rows in self.stream.iter(batch_size=self.READ_ROWS):
+                for k in range(len(next(iter(rows.values())))):
+                    count += 1
+                    yield {column: values[k] for column, values in rows.items()}
+            if self.batches is None:
+                return
+            if not count:
+                raise MLTPConfigError(f"the streamed split {self.split!r} gave process {self.rank} no samples: it has "
+                                      f"fewer shards or samples than processes; use fewer processes or more shards")
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rows = self._rows()
+        ahead, position = deque(), 0     # rows read and kept; ahead[0] is sample `position` of the epoch
+        batch = self.start_batch + worker
+        while self.batches is None or batch < self.batches:
+            for n in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+                while position < n:      # read past other workers' samples (and, resumed, the epoch's first ones)
+                    if not ahead and not _read_one(rows, ahead):
+                        return
+                    ahead.popleft()
+                    position += 1
+                sample = self._sample(n, ahead, rows)
+                if sample is None:       # eval: the pass has ended
+                    return
+                yield sample
+            batch += workers
+
+    def _sample(self, n: int, ahead: deque, rows) -> Optional[dict]:
+        """Sample n (ahead[0]); when it cannot be read, the next readable one, read on from `rows`."""
+        for skipped in range(self.max_in_row):
+            if len(ahead) <= skipped and not _read_one(rows, ahead):
+                return None
             try:
-                return self.dataset[int(index)]
-            finally:
-                random.setstate(python_state)
+                return {**seeded((self.seed, self.epoch, self.rank, n), self.transform, ahead[skipped]),
+                        "skipped": skipped}
+            except (OSError, SyntaxError) as e:   # PIL: UnidentifiedImageError, truncated files
+                _logger.warning("skipped an unreadable sample: split %r, process %d, sample %d of epoch %d: %s: %s",
+                                self.split, self.rank, n + skipped, self.epoch, type(e).__name__, e)
+        raise UnreadableData(f"{self.max_in_row} samples in a row of split {self.split!r} cannot be read (process "
+                             f"{self.rank}, samples {n} to {n + self.max_in_row - 1} of epoch {self.epoch}; the "
+                             f"warnings above give each reason); repair or remove them, or raise --max-bad-samples")
+
+
+def _read_one(rows, ahead: deque) -> bool:
+    row = next(rows, None)
+    if row is not None:
+        ahead.append(row)
+    return row is not None
 
 
 def mix_within_tasks(mixup, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

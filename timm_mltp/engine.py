@@ -214,6 +214,10 @@ class Trainer:
         if "saver" in ckpt:
             self.saver.load_state_dict(ckpt["saver"])
         self.print(f"resumed from {path}: epoch {self.epoch}, step {self.step_in_epoch}")
+        source = self.args.dataset or self.args.data_dir
+        if self.streamed and not Path(source.partition("/")[2]).exists():
+            self.print(f"{source} is streamed from the Hub or a URL: the resume is exact only if its files have not "
+                       f"changed since the checkpoint")
         processes = ckpt.get("processes", self.accelerator.num_processes)
         if processes != self.accelerator.num_processes:
             self.continue_on_other_processes(processes, ckpt["updates_per_epoch"], ckpt["scheduler"])
@@ -238,8 +242,9 @@ class Trainer:
                                         for k, v in schedule.items()})
         self.scheduler.step_update(num_updates=self.num_updates)
         if self.streamed:
-            rest = (f"the stream is now read in {now} parts instead of {before}, each from its start past its first "
-                    f"{self.step_in_epoch * pair} samples, so samples of this epoch may be taken twice or not at all")
+            rest = (f"the stream is now split into {now} part(s) instead of {before}, each read from its start past "
+                    f"its first {self.step_in_epoch * pair} samples, so samples of this epoch may be taken twice or "
+                    f"not at all")
         else:
             rest = f"the same samples in the same order, {now} batches of {pair} per step instead of {before}"
             rest += f", {again} of them taken again" if again else ""

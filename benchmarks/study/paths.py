@@ -17,7 +17,7 @@ from timm_mltp.engine import TrainArgs, Trainer
 from pretrain_backbone import MODEL_KWARGS, class_split, pretrain  # benchmarks/, beside this package
 
 from .sam import SAMTrainer, hf_trainer_class
-from .settings import BASELINES, HFLIP, IMG_SIZE, MODELS, SETTINGS, Run
+from .settings import BASELINES, HFLIP, IMG_SIZE, MODELS, SETTINGS, STUDY_MODEL_KWARGS, Run
 
 MLTP_LOGGED = ("grad_cosine", "relative_step", "update_ratio", "second_order_share")
 
@@ -29,10 +29,23 @@ def run_data(run: Run, dataset: Path | None) -> tuple[Path | None, Path | None]:
     return class_split(dataset, "5to9"), pretrain(run.model, dataset)
 
 
+def model_kwargs(model: str) -> dict:
+    """The model's build options in the study (4-pixel patches for the ViTs at 32 px)."""
+    return MODEL_KWARGS.get(model, {}) | STUDY_MODEL_KWARGS.get(model, {})
+
+
+def warmup_epochs(run: Run) -> int:
+    """The setting's warmup; an equal-compute run stretches it with its epochs (the same schedule shape)."""
+    warmup = SETTINGS[run.setting].warmup_epochs
+    if not run.compute_of or not warmup:
+        return warmup
+    return round(warmup * run.epochs / run.base_epochs)
+
+
 def train_options(run: Run, dataset: Path | None, output: str) -> dict:
     setting = SETTINGS[run.setting]
     dataset, backbone = run_data(run, dataset)
-    optimizer = {} if setting.opt == "sgd" else {"opt": setting.opt, "warmup_epochs": setting.warmup_epochs}
+    optimizer = {} if setting.opt == "sgd" else {"opt": setting.opt, "warmup_epochs": warmup_epochs(run)}
     if setting.weight_decay is not None:
         optimizer["weight_decay"] = setting.weight_decay
     if backbone is not None:
@@ -47,7 +60,7 @@ def train_options(run: Run, dataset: Path | None, output: str) -> dict:
                 variant="none" if run.method == "sam" else run.method, gamma=run.gamma, alpha_scale=run.alpha_scale,
                 alpha_rule=None if run.method in BASELINES else run.alpha_rule, seed=run.seed, output=output,
                 experiment=f"{run.model}-{run.method}-s{run.seed}", progress=False, workers=0,
-                model_kwargs=MODEL_KWARGS.get(run.model, {}), **optimizer, **setting.recipe)
+                model_kwargs=model_kwargs(run.model), **optimizer, **setting.recipe)
 
 
 def missing_options(setting: str) -> list[str]:
@@ -78,9 +91,9 @@ def fit_hf_trainer(run: Run, dataset: Path | None, output: str) -> dict:
     dataset, backbone = run_data(run, dataset)
     data = load_image_dataset(None if dataset is None else str(dataset))
     set_seed(run.seed)
+    kwargs = model_kwargs(run.model)
     config = TimmWrapperConfig(architecture=run.model, num_labels=data.num_classes,
-                               model_args=MODEL_KWARGS.get(run.model, {}) | ({"img_size": IMG_SIZE}
-                                                                             if run.model in MODEL_KWARGS else {}))
+                               model_args=kwargs | ({"img_size": IMG_SIZE} if kwargs else {}))
     model = TimmWrapperForImageClassification(config)
     if backbone is not None:   # the backbone's weights; the classifier keeps its fresh initialisation
         missing, unexpected = model.timm_model.load_state_dict(torch.load(backbone, weights_only=True), strict=False)

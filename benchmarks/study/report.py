@@ -1,4 +1,5 @@
-"""The report: the CSV turned into docs/generalization.md (tables, verdicts, pooled sign-flip tests) and a plot."""
+"""The report: the CSV turned into docs/generalization.md (tables, verdicts, pooled sign-flip tests, the
+equal-compute comparison) and a plot of both comparisons."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .results import numeric, read_rows
+from .results import numeric, read_rows, superseded
 from .settings import (BASELINES, BATCH_SIZE, DEFAULT_ALPHA_SCALE, DEFAULT_CURVATURE_FRACTION, DEFAULT_GAMMA,
                        DEFAULT_RULE, IMG_SIZE, METHODS, PATHS, SAM_RHO, SEEDS, SETTINGS)
 
@@ -46,24 +47,46 @@ def full_curvature(row: dict) -> bool:
     return curvature_fraction(row) >= 1
 
 
+def group_epochs(row: dict) -> int:
+    """The epochs of the group a run is compared in: an equal-compute run's is that of the runs whose compute it
+    got (`base_epochs`), any other run's its own."""
+    return int(row["base_epochs"]) if row.get("compute_of") else int(row["epochs"])
+
+
 def groups(rows: list[dict]) -> dict[tuple, list[dict]]:
     """(setting, path, training samples, epochs, device) -> runs at rho = 1: what must match for runs to be
-    compared."""
+    compared (equal-compute runs with the group whose compute they got)."""
     by_key = defaultdict(list)
     for row in filter(full_curvature, rows):
-        by_key[row["setting"], row["path"], int(row["train_samples"]), int(row["epochs"]), row["device"]].append(row)
+        by_key[row["setting"], row["path"], int(row["train_samples"]), group_epochs(row), row["device"]].append(row)
     settings, paths = _order({k[0] for k in by_key}, SETTINGS), _order({k[1] for k in by_key}, PATHS)
     return dict(sorted(by_key.items(), key=lambda kv: (settings.index(kv[0][0]), paths.index(kv[0][1]), kv[0][2],
                                                        -len(kv[1]))))
 
 
 def main_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
-    """(model, method, alpha_rule) -> runs at the default gamma and alpha_scale, one per seed."""
+    """(model, method, alpha_rule) -> runs at the default gamma and alpha_scale, one per seed (equal-compute runs
+    apart: `equal_compute_cells`)."""
     cells = defaultdict(list)
     for row in filter(full_curvature, rows):
-        if row["gamma"] == DEFAULT_GAMMA and row["alpha_scale"] == DEFAULT_ALPHA_SCALE:
+        if row["gamma"] == DEFAULT_GAMMA and row["alpha_scale"] == DEFAULT_ALPHA_SCALE and not row.get("compute_of"):
             cells[row["model"], row["method"], row["alpha_rule"]].append(row)
     return cells
+
+
+def equal_compute_cells(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(model, method) -> the `none` runs given that method's measured compute (issue 24), one per seed."""
+    cells = defaultdict(list)
+    for row in rows:
+        if row.get("compute_of"):
+            cells[row["model"], row["compute_of"]].append(row)
+    return cells
+
+
+def equal_compute_differences(cells, compute_cells, cell: tuple, column: str = "final_top1") -> list[float]:
+    """Per seed: the cell minus standard training given its measured compute, on the same model and seed."""
+    base = {r["seed"]: r[column] for r in compute_cells.get((cell[0], cell[1]), [])}
+    return [r[column] - base[r["seed"]] for r in cells.get(cell, []) if r["seed"] in base]
 
 
 def cell_order(cells) -> list[tuple]:
@@ -97,15 +120,16 @@ def label(cell: tuple) -> str:
 
 
 def main_table(rows: list[dict]) -> list[str]:
-    cells = main_cells(rows)
+    cells, compute_cells = main_cells(rows), equal_compute_cells(rows)
     lines = ["| model | method | alpha rule | final top-1 | test loss | train loss | top-1 - none, paired | "
-             "top-1 - SAM, paired | relative inner step | inner / last update | cosine | 2nd-order share | "
-             "wall time vs none |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "top-1 - none at equal compute, paired | top-1 - SAM, paired | relative inner step | inner / last update "
+             "| cosine | 2nd-order share | wall time vs none |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for cell in cell_order(cells):
         runs = cells[cell]
         model, method, rule = cell
         vs_none = paired_differences(cells, cell, "none") if method != "none" else []
+        vs_compute = equal_compute_differences(cells, compute_cells, cell)
         vs_sam = paired_differences(cells, cell, "sam") if method != "sam" else []
         ratio = cost_ratio(cells, cell)
         seconds = statistics.fmean(r["wall_seconds"] for r in runs)
@@ -113,7 +137,7 @@ def main_table(rows: list[dict]) -> list[str]:
         cost = f"{ratio:.2f}x ({seconds:.0f} s)" if ratio else f"- ({seconds:.0f} s)"
         lines.append(f"| {model} | {method} | {rule} | {fmt([r['final_top1'] for r in runs])} | "
                      f"{fmt([r['test_loss'] for r in runs], 4)} | {fmt([r['final_train_loss'] for r in runs], 4)} | "
-                     f"{fmt(vs_none)} | {fmt(vs_sam)} | {fmt(inner, 1, 'e')} | "
+                     f"{fmt(vs_none)} | {fmt(vs_compute)} | {fmt(vs_sam)} | {fmt(inner, 1, 'e')} | "
                      f"{fmt([] if method in BASELINES else finite(runs, 'mean_update_ratio'))} | "
                      f"{fmt([] if method == 'sam' else finite(runs, 'mean_grad_cosine'), 3)} | "
                      f"{fmt([] if method in BASELINES else finite(runs, 'mean_second_order_share'))} | {cost} |")
@@ -280,7 +304,7 @@ def pooled_groups(rows: list[dict]):
     for group, runs in groups(rows).items():
         if group[0] in SETTINGS and SETTINGS[group[0]].pooled:
             family = optimizer_family(group)
-            yield group, family, pooled_cells(runs, family)
+            yield group, family, pooled_cells([r for r in runs if not superseded(r)], family)
 
 
 def pooled_differences(rows: list[dict], by_family: bool = False) -> dict[tuple, dict[str, list[float]]]:
@@ -360,6 +384,89 @@ def pooled_findings(rows: list[dict], level: float = 0.05) -> list[str]:
              f"{'; '.join(gains) if gains else 'none'}.",
              f"- Worse than standard training over all current settings (p < {level}): "
              f"{'; '.join(losses) if losses else 'none'}."]
+    return lines
+
+
+PAYS_LEVEL = 0.1   # with 5 pairs the smallest two-sided sign-flip p is 2/32 = 0.0625: 0.05 could never be reached
+
+
+def compute_pairs(rows: list[dict]) -> dict[tuple, dict]:
+    """(optimizer family, model, method) -> the paired differences to standard training at equal epochs and at
+    equal compute, on the same seeds (those with an equal-compute run), pooled over the current settings' groups
+    (rows the code no longer makes left out); with the measured cost ratios and the equal-compute epochs. The
+    MLTP methods at their family's default rule, and SAM."""
+    pooled = defaultdict(lambda: {"epochs": [], "compute": [], "ratios": set(), "none_epochs": set(),
+                                  "base_epochs": set()})
+    for group, runs in groups(rows).items():
+        if group[0] not in SETTINGS or not SETTINGS[group[0]].pooled:
+            continue
+        family = optimizer_family(group)
+        current = [r for r in runs if not superseded(r)]
+        cells, compute_cells = pooled_cells(current, family), equal_compute_cells(current)
+        for cell in cells:
+            model, method, rule = cell
+            baseline = cells.get((model, "none", "-"), [])
+            compute = {r["seed"]: r for r in compute_cells.get((model, method), [])}
+            if method == "none" or rule not in ("-",) + FAMILY_DEFAULT[family] or not compute:
+                continue
+            none = {r["seed"]: r["final_top1"] for r in baseline}
+            entry = pooled[family, model, method]
+            for row in cells[cell]:
+                if row["seed"] in compute and row["seed"] in none:
+                    entry["epochs"].append(row["final_top1"] - none[row["seed"]])
+                    entry["compute"].append(row["final_top1"] - compute[row["seed"]]["final_top1"])
+                    entry["ratios"].add(compute[row["seed"]]["cost_ratio"])
+                    entry["none_epochs"].add(int(compute[row["seed"]]["epochs"]))
+                    entry["base_epochs"].add(group[3])
+    return {k: v for k, v in pooled.items() if v["compute"]}
+
+
+def pays(diffs: list[float]) -> str:
+    """At equal compute: `pays` (a gain the sign-flip test tells from zero at PAYS_LEVEL), `loses` (such a loss)
+    or `does not pay`."""
+    p = sign_flip_p(diffs)
+    if p < PAYS_LEVEL:
+        return "pays" if statistics.fmean(diffs) > 0 else "loses"
+    return "does not pay"
+
+
+def compute_table(rows: list[dict]) -> list[str]:
+    """Both comparisons side by side, per optimizer family, model and method."""
+    pooled = compute_pairs(rows)
+    if not pooled:
+        return []
+    lines = ["| optimizer | model | method | pairs | cost ratio (wall time) | epochs: method / none at equal compute | "
+             "top-1 - none, equal epochs | p | top-1 - none, equal compute | p | at equal compute |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(pooled, key=lambda k: (k[0], k[1], METHODS.index(k[2]) if k[2] in METHODS else 99)):
+        entry = pooled[key]
+        ratios = sorted(x for x in entry["ratios"] if isinstance(x, float) and math.isfinite(x))
+        ratio = "-" if not ratios else " / ".join(f"{x:.2f}x" for x in ratios)
+        epochs = f"{'/'.join(map(str, sorted(entry['base_epochs'])))} / {'/'.join(map(str, sorted(entry['none_epochs'])))}"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {len(entry['compute'])} | {ratio} | {epochs} | "
+                     f"{fmt(entry['epochs'])} | {p_value(sign_flip_p(entry['epochs']))} | {fmt(entry['compute'])} | "
+                     f"{p_value(sign_flip_p(entry['compute']))} | {pays(entry['compute'])} |")
+    return lines
+
+
+def compute_verdicts(rows: list[dict]) -> list[str]:
+    """One sentence per model and optimizer: does MLTP pay for its cost (issue 24)?"""
+    pooled, lines = compute_pairs(rows), []
+    for family, model in sorted({k[:2] for k in pooled}):
+        methods = [k for k in pooled if k[:2] == (family, model)]
+        methods.sort(key=lambda k: METHODS.index(k[2]) if k[2] in METHODS else 99)
+
+        def said(k):
+            diffs = pooled[k]["compute"]
+            return f"{k[2]} {difference(diffs)} (p {p_value(sign_flip_p(diffs))}, {len(diffs)} seeds)"
+
+        mltp = [k for k in methods if k[2] not in BASELINES]
+        paying = [k for k in mltp if pays(pooled[k]["compute"]) == "pays"]
+        verb = "**pays**" if paying else "**does not pay**"
+        details = "; ".join(map(said, mltp)) if mltp else "no MLTP variant has equal-compute runs"
+        sam = [said(k) for k in methods if k[2] == "sam"]
+        lines.append(f"- {model}, {family}: MLTP {verb} at equal compute (top-1 minus standard training run as "
+                     f"long as the method took, paired by seed): {details}" + (f". SAM: {sam[0]}." if sam else "."))
     return lines
 
 
@@ -470,39 +577,55 @@ def group_title(group: tuple) -> str:
     return f"{path}, {train_samples:,} training images, {epochs} epoch(s) ({device})"
 
 
-def plot(rows: list[dict], path: Path) -> bool:
-    """One panel per group: each cell's top-1 minus `none`'s on the same seed. False: nothing to plot."""
+def plot(rows: list[dict], path: Path, equal_compute_only: bool = False) -> bool:
+    """One panel per group: each cell's top-1 minus `none`'s on the same seed, at equal epochs (filled) and, where
+    the group has equal-compute runs, minus `none` given the cell's measured compute (hollow, beside it). The
+    groups with equal-compute runs come first; equal_compute_only: only those (a compact figure for the README).
+    False: nothing to plot."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    panels = [(g, main_cells(runs)) for g, runs in groups(rows).items()]
-    panels = [(g, cells) for g, cells in panels if any(c[1] == "none" for c in cells) and len(cells) > 1]
+    panels = [(g, main_cells(runs), equal_compute_cells(runs)) for g, runs in groups(rows).items()]
+    panels = [(g, cells, compute) for g, cells, compute in panels
+              if any(c[1] == "none" for c in cells) and len(cells) > 1 and (compute or not equal_compute_only)]
+    panels.sort(key=lambda panel: not panel[2])     # stable: the groups' order otherwise
     if not panels:
         return False
     columns = min(3, len(panels))
     fig, axes = plt.subplots(math.ceil(len(panels) / columns), columns, figsize=(5.5 * columns, 4.2 *
                              math.ceil(len(panels) / columns)), squeeze=False)
-    for ax, (group, cells) in zip(axes.flat, panels):
+    for ax, (group, cells, compute_cells) in zip(axes.flat, panels):
         models = sorted({c[0] for c in cells})
         labels = list(dict.fromkeys((c[1], c[2]) for c in cell_order(cells) if c[1] != "none"))
         markers = dict(zip(models, "osD^v<>"))
         width = 0.8 / len(models)
         for j, model in enumerate(models):
             for i, (method, rule) in enumerate(labels):
-                diffs = paired_differences(cells, (model, method, rule), "none")
-                if not diffs:
-                    continue
                 x = i + (j - (len(models) - 1) / 2) * width
                 color = plt.cm.tab10(i % 10)
-                ax.scatter([x] * len(diffs), diffs, color=color, marker=markers[model], alpha=0.4, s=18)
-                mean, std = mean_std(diffs)
-                ax.errorbar(x, mean, yerr=std or 0, color=color, marker=markers[model], capsize=3, ms=7)
+                compared = [(paired_differences(cells, (model, method, rule), "none"), x, color)]
+                if compute_cells:   # equal compute beside it, hollow
+                    compared.append((equal_compute_differences(cells, compute_cells, (model, method, rule)),
+                                     x + 0.3 * width, "none"))
+                    compared[0] = (compared[0][0], x - 0.15 * width, color)
+                for diffs, at, face in compared:
+                    if not diffs:
+                        continue
+                    ax.scatter([at] * len(diffs), diffs, facecolors=face, edgecolors=color, marker=markers[model],
+                               alpha=0.4, s=18)
+                    mean, std = mean_std(diffs)
+                    ax.errorbar(at, mean, yerr=std or 0, color=color, marker=markers[model], capsize=3, ms=7,
+                                mfc=color if face != "none" else "white")
             ax.scatter([], [], color="gray", marker=markers[model], label=model)
+        if compute_cells:
+            ax.scatter([], [], facecolors="white", edgecolors="gray", marker="o",
+                       label="hollow: vs none at equal compute")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xticks(range(len(labels)), [m if r in ("-", DEFAULT_RULE) else f"{m}\n{r}" for m, r in labels],
                       fontsize=8)
-        ax.set_ylabel("top-1 minus none's, same seed (points)")
+        ax.set_ylabel("top-1 minus none's, same seed (points)" if not compute_cells else
+                      "top-1 minus none's, same seed: equal epochs / equal compute", fontsize=8)
         ax.set_title(f"{group[0]}: {group[1]}, {group[2]:,} images, {group[3]} ep.", fontsize=9)
         ax.legend(title="model (points: seeds)", fontsize=7, title_fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -512,6 +635,34 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def not_reproduced(runs: list[dict]) -> list[str]:
+    """The group's cells the code as shipped no longer makes, with why: shown, but left out of pooled tables."""
+    found = defaultdict(list)
+    for row in runs:
+        reason = superseded(row)
+        if reason:
+            found[reason, row["model"], row["method"], row["alpha_rule"]].append(int(row["seed"]))
+    return [f"- Not reproducible with the code as shipped (left out of the pooled tables): {method} ({rule}) on "
+            f"{model}, seeds {', '.join(map(str, sorted(seeds)))}: {reason}."
+            for (reason, model, method, rule), seeds in found.items()]
+
+
+def reproducibility(rows: list[dict]) -> list[str]:
+    """Which code made the rows: recorded commits, clean trees, rows the code no longer makes."""
+    recorded = [r for r in rows if r.get("commit")]
+    clean = sum(r.get("tree_clean") == "yes" for r in recorded)
+    gone = defaultdict(int)
+    for row in rows:
+        if superseded(row):
+            gone[superseded(row)] += 1
+    lines = [f"Code: {len(recorded)} of {len(rows)} rows record their commit ({clean} from a clean tree, "
+             f"{len(set(r['commit'] for r in recorded))} commit(s)); the others predate the column. "
+             f"`python benchmarks/generalization.py --rerun-sample N` reruns N rows of this device and compares "
+             f"them to the last digit."]
+    lines += [f"- {n} row(s) {reason}: not pooled." for reason, n in gone.items()]
+    return lines
 
 
 SETUP = """\
@@ -548,7 +699,7 @@ def report(csv_path: Path, doc: Path) -> None:
             verdict_lines = verdict(runs)
             summary.append(f"- `{setting}`, {group_title(group)}: {verdict_lines[0]}")
             sections += [f"### {group_title(group)}", ""] + main_table(runs) + [""]
-            sections += verdict_lines + [""] + findings(runs) + [""]
+            sections += verdict_lines + [""] + findings(runs) + not_reproduced(runs) + [""]
             for (model, method, rule), grid in sensitivity_grids(runs).items():
                 sections += [f"#### Sensitivity: {method} ({rule}) on {model}, final top-1", ""]
                 sections += sensitivity_table(grid) + [""]
@@ -558,7 +709,20 @@ def report(csv_path: Path, doc: Path) -> None:
              f"Generated by `python benchmarks/generalization.py --report` from `{csv_path.name}` "
              f"({len(rows)} runs); every number below is computed from that file.", "",
              SETUP.format(img=IMG_SIZE, pair=2 * BATCH_SIZE, batch=BATCH_SIZE, rho=SAM_RHO, gamma=DEFAULT_GAMMA,
-                          rule=DEFAULT_RULE), "## Verdicts", ""] + summary + [""]
+                          rule=DEFAULT_RULE)]
+    compute = compute_table(rows)
+    if compute:
+        lines += ["## Does MLTP pay for its cost? Equal compute", "",
+                  "Standard training (`none`) given the measured compute of each MLTP variant and of SAM: its epochs "
+                  "scaled by the cost ratio, the wall time of the method's runs over `none`'s in the same group and "
+                  "seeds (training and evaluation; taken once a cell has two paired seeds, then kept), rounded to "
+                  "whole epochs; the same schedule shape (cosine over all epochs, warmup stretched alike), the "
+                  "same seed. Pooled per optimizer and model over the current settings; both differences on the "
+                  "same seeds, with the exact two-sided sign-flip p. `pays`: a gain at equal compute with p < "
+                  f"{PAYS_LEVEL} (with 5 seeds the smallest p is 0.0625: all five pairs must agree); `loses`: such "
+                  "a loss.", ""]
+        lines += compute_verdicts(rows) + [""] + compute + [""]
+    lines += ["## Verdicts", ""] + summary + [""] + reproducibility(rows) + [""]
     pooled = pooled_table(rows)
     if pooled:
         current = [name for name, setting in SETTINGS.items() if setting.pooled]
@@ -587,6 +751,7 @@ def report(csv_path: Path, doc: Path) -> None:
         lines += curvature + [""]
     doc.parent.mkdir(parents=True, exist_ok=True)
     if plot(rows, png):
-        lines += [f"![top-1 minus none's per seed, per setting]({png.name})", ""]
+        lines += [f"![top-1 minus none's per seed, per setting: equal epochs, and equal compute where run]"
+                  f"({png.name})", ""]
     doc.write_text("\n".join(lines + sections))
     print(f"wrote {doc}" + (f" and {png}" if png.is_file() else ""))

@@ -1,44 +1,87 @@
-"""The study's CSV: one row per finished run, read in today's columns whatever layout wrote it."""
+"""The study's CSV: one row per finished run, read in today's columns whatever layout wrote it; the code state
+(commit, clean tree) each row records, and the rows no longer reproducible with the code as shipped."""
 from __future__ import annotations
 
 import csv
 import math
 import os
+import subprocess
 from pathlib import Path
 
-from .settings import BASELINES, DEFAULT_CURVATURE_FRACTION
+from .settings import BASELINES, DEFAULT_CURVATURE_FRACTION, SETTINGS
 
 
 COLUMNS = ["device", "setting", "path", "method", "model", "seed", "epochs", "train_samples", "alpha_rule",
            "samples_seen", "optimizer_steps", "wall_seconds", "final_top1", "best_top1", "test_loss",
            "final_train_loss", "mean_grad_cosine", "mean_relative_step", "mean_update_ratio", "gamma", "alpha_scale",
-           "batch_size", "lr", "mean_second_order_share", "curvature_fraction"]
-TEXT_COLUMNS = ("device", "setting", "path", "method", "model", "alpha_rule")
+           "batch_size", "lr", "mean_second_order_share", "curvature_fraction",
+           "compute_of", "base_epochs", "cost_ratio",    # issue 24: the equal-compute baseline (settings.Run)
+           "commit", "tree_clean"]                       # the code that made the row; "" in rows from before
+TEXT_COLUMNS = ("device", "setting", "path", "method", "model", "alpha_rule", "compute_of", "commit", "tree_clean")
 KEY_TYPES = {"device": str, "setting": str, "path": str, "method": str, "model": str, "seed": int, "epochs": int,
-             "train_samples": int, "alpha_rule": str, "gamma": float, "alpha_scale": float, "curvature_fraction": float}
+             "train_samples": int, "alpha_rule": str, "gamma": float, "alpha_scale": float, "curvature_fraction": float,
+             "compute_of": str}
 
 
 def key(row: dict) -> tuple:
     return tuple(cast(row[k]) for k, cast in KEY_TYPES.items())
 
 
+def code_state(root: Path) -> tuple[str, str]:
+    """(commit, tree clean: "yes" / "no") of the checkout at `root`, for every new row. Where the tree is no git
+    checkout (a copy sent to another machine), STUDY_COMMIT and STUDY_TREE_CLEAN say it; else both are ""
+    (unknown), as in rows from before issue 24."""
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                                  timeout=30).stdout
+        return git("rev-parse", "HEAD").strip(), "no" if git("status", "--porcelain").strip() else "yes"
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("STUDY_COMMIT", ""), os.environ.get("STUDY_TREE_CLEAN", "")
+
+
+# Code paths changed since some rows ran; those rows cannot be rerun and stay out of the pooled tables.
+EARLIER_D = ("made with the earlier D = 1/(sqrt(v_hat) + eps); the shipped D = 1/sqrt(v_hat + eps^2) (commit "
+             "9257200) gives other numbers in these chaotic short runs (issue 24)")
+GONE_RULE = "its alpha rule is no longer in the code"
+
+
+def superseded(row: dict) -> str:
+    """Why the code as shipped no longer makes this row ("" where it does, as far as is known). Under an adaptive
+    optimizer the `preconditioned` and `online` rows from before rows recorded their commit were all run before
+    commit 9257200 changed D (the `optimizer` rows there came after it, benchmarks/study_curvature.sh)."""
+    from timm_mltp.mltp import ALPHA_RULES   # here: the report reads CSVs without timm_mltp's import cost otherwise
+
+    setting = SETTINGS.get(row["setting"])
+    if row["alpha_rule"] not in ALPHA_RULES + ("-",):
+        return GONE_RULE
+    if (setting is not None and setting.opt != "sgd" and row["alpha_rule"] in ("preconditioned", "online")
+            and not row.get("commit")):
+        return EARLIER_D
+    return ""
+
+
 def upgraded(row: dict) -> dict:
     """A row in today's columns. Rows written before issue 11 lack setting, path and alpha_rule: every one
     of them was a `short` run through the engine, with alpha = lr (rule `lr`) for MLTP. Rows written before
-    the study varied curvature_fraction took H_i v on all of task i: rho 1."""
+    the study varied curvature_fraction took H_i v on all of task i: rho 1. Rows from before issue 24 are no
+    equal-compute runs (their group is their own epochs) and their commit is unknown ("")."""
     before = {"setting": "short", "path": "engine", "alpha_rule": "-" if row["method"] in BASELINES else "lr",
-              "curvature_fraction": str(DEFAULT_CURVATURE_FRACTION)}
+              "curvature_fraction": str(DEFAULT_CURVATURE_FRACTION), "base_epochs": "0"}
     out = {c: row[c] if row.get(c) is not None else before.get(c, "") for c in COLUMNS}
-    if out["curvature_fraction"] == "":
-        out["curvature_fraction"] = before["curvature_fraction"]
+    for column in ("curvature_fraction", "base_epochs"):
+        if out[column] == "":
+            out[column] = before[column]
     return out
 
 
 def read_rows(path: Path) -> list[dict]:
+    """The CSV's rows in today's columns; a last line cut short (a matrix killed while writing) is left out."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [upgraded(row) for row in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    return [upgraded(row) for row in rows if None not in row.values() and None not in row]
 
 
 def append_row(path: Path, row: dict) -> None:

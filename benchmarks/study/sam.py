@@ -66,6 +66,9 @@ class SAMStep:
     def sync(self) -> bool:
         return self.step.sync()
 
+    def second_order(self) -> str:          # how the gradient was taken, for the engine's epoch rows: no H_i v
+        return "none"
+
     def loss_scale(self) -> float:
         return self.step.loss_scale()
 

@@ -1,6 +1,7 @@
 """The study's settings: what every run of a training regime shares, and the key of one run."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from timm_mltp.mltp import MLTPConfig
@@ -50,12 +51,34 @@ class Setting:
     data: str = "full"                  # full: Fashion-MNIST's 10 classes; finetune: classes 5-9 on a backbone
     #                                     pretrained on classes 0-4 (benchmarks/pretrain_backbone.py)
     eval_every_epoch: bool = True       # False: the test split once, after the last epoch
+    models: tuple[str, ...] = MODELS    # the models the setting's matrix runs by default
+    seeds: tuple[int, ...] = SEEDS      # and its seeds
 
 
 ADAMW_LR, ADAMW_WD = 2e-3, 0.05         # the example of issue 16: HF Trainer at lr 2e-3, weight decay 0.05
 ADAMW_EPOCHS, ADAMW_SAMPLES, ADAMW_BATCH = 5, 2_000, 32   # B = 32 per task, as in issue 16's example
 FINETUNE_LR, FINETUNE_EPOCHS, FINETUNE_BATCH = 1e-3, 15, 16
 FINETUNE_SAMPLES = (250, 1_000)         # about 50 and 200 images per class of classes 5-9 (the study ran 250)
+
+
+# issue 24: real timm architectures at 32 px, trained until the training loss is near zero, on a GPU
+# (benchmarks/device_study.sh). One per family: a BatchNorm ResNet, a LayerNorm ConvNeXt, a ViT.
+CONVERGED_MODELS = ("resnet18", "convnext_atto", "vit_tiny_patch16_224")
+# sized for ~8 min of one H200 shared by 12 runs, whose 16 CPU cores decode and augment every sample (the
+# recipe's loader, ~0.3 ms a sample): 3,000 x 30 is ~100k samples a run (benchmarks/device_study.sh)
+CONVERGED_EPOCHS, CONVERGED_SAMPLES = 30, (3_000,)
+CONVERGED_SEEDS = (0, 1, 2, 3, 4)
+CONVERGED_ADAMW_LR, CONVERGED_WARMUP = 1e-3, 2
+# timm models need no kwargs at 32 px but the ViT: 4-pixel patches (an 8x8 grid, as test_vit in the study)
+STUDY_MODEL_KWARGS = {"vit_tiny_patch16_224": {"patch_size": 4}}
+CONVERGED_ABOUT = (
+    f"Real timm architectures from random initialisation (`resnet18`, `convnext_atto`, `vit_tiny_patch16_224` "
+    f"with 4-pixel patches), {CONVERGED_SAMPLES[0]:,} training images x {CONVERGED_EPOCHS} epochs at 32 px, no "
+    f"crop augmentation (the whole image), flip only, no clipping, B = {BATCH_SIZE} per task, cosine schedule, "
+    f"evaluated once after the last epoch on the full test split (10,000 images); run on one GPU, several runs "
+    f"at once (`benchmarks/device_study.sh`; the device column names the GPU and how many runs shared it, which "
+    f"wall times and cost ratios depend on). Issue 24: the regime where the training loss approaches zero and "
+    f"standard training varies little between seeds, with the equal-compute baselines.")
 
 
 SETTINGS = {
@@ -123,6 +146,16 @@ SETTINGS = {
         about="Issue 5's study: 4 epochs, RandomResizedCrop 0.8-1 and flip, no clipping, MLTP with alpha = lr "
               "x alpha_scale (rule `lr`), plus a gamma x alpha_scale grid. Rows written before the CSV had a "
               "`setting` column are this setting's."),
+    "converged": Setting(
+        CONVERGED_EPOCHS, CONVERGED_SAMPLES, (1.0, 1.0), None, eval_every_epoch=False, models=CONVERGED_MODELS,
+        seeds=CONVERGED_SEEDS,
+        about=CONVERGED_ABOUT + f" SGD + momentum 0.9, lr {LR}, weight decay 5e-4 (the engine's defaults)."),
+    "converged-adamw": Setting(
+        CONVERGED_EPOCHS, CONVERGED_SAMPLES, (1.0, 1.0), None, opt="adamw", lr=CONVERGED_ADAMW_LR,
+        weight_decay=ADAMW_WD, warmup_epochs=CONVERGED_WARMUP, eval_every_epoch=False, models=CONVERGED_MODELS[1:],
+        seeds=CONVERGED_SEEDS,
+        about=CONVERGED_ABOUT + f" AdamW (the optimizer of timm's ConvNeXt and ViT recipes), lr "
+                                f"{CONVERGED_ADAMW_LR}, weight decay {ADAMW_WD}, {CONVERGED_WARMUP} warmup epochs."),
 }
 
 
@@ -143,3 +176,14 @@ class Run:
     gamma: float = DEFAULT_GAMMA
     alpha_scale: float = DEFAULT_ALPHA_SCALE
     curvature_fraction: float = DEFAULT_CURVATURE_FRACTION   # rho: H_i v on this share of task i; 1 for none and sam
+    # issue 24, the equal-compute baseline: a `none` run given the measured compute of method `compute_of` in the
+    # group of `base_epochs` epochs: epochs = equal_compute_epochs(base_epochs, cost_ratio), the same schedule shape
+    compute_of: str = ""
+    base_epochs: int = 0                # 0: not an equal-compute run (its group is its own epochs)
+    cost_ratio: float | None = None     # the measured cost ratio its epochs came from (not part of the key)
+
+
+def equal_compute_epochs(base_epochs: int, cost_ratio: float) -> int:
+    """Epochs of standard training that cost what `base_epochs` of a method `cost_ratio` times as costly do:
+    the nearest whole epoch (halves up), never fewer than the method's own."""
+    return max(base_epochs, math.floor(base_epochs * cost_ratio + 0.5))
