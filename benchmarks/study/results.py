@@ -28,9 +28,12 @@ def key(row: dict) -> tuple:
 
 
 def code_state(root: Path) -> tuple[str, str]:
-    """(commit, tree clean: "yes" / "no") of the checkout at `root`, for every new row. Where the tree is no git
-    checkout (a copy sent to another machine), STUDY_COMMIT and STUDY_TREE_CLEAN say it; else both are ""
-    (unknown), as in rows from before issue 24."""
+    """(commit, tree clean: "yes" / "no") of the checkout at `root`, for every new row. STUDY_COMMIT and
+    STUDY_TREE_CLEAN say it where they are set: a frozen copy of a commit, run inside another checkout (the
+    device study: `git archive` of the commit, whose surrounding .git is not its own). Else git; where the tree
+    is no git checkout, both are "" (unknown), as in rows from before issue 24."""
+    if os.environ.get("STUDY_COMMIT"):
+        return os.environ["STUDY_COMMIT"], os.environ.get("STUDY_TREE_CLEAN", "")
     try:
         def git(*args):
             return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
