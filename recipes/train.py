@@ -238,7 +238,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--grad-accum-steps", type=int, default=D.grad_accum_steps,
                    help="one optimizer step takes the mean of this many pair gradients")
-    g.add_argument("--grad-checkpointing", action="store_true")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="variant none only: with MLTP the recomputed passes would see w, not w' (default: off)")
     g.add_argument("--fast-norm", action="store_true")
     g.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="K=V")
     g.add_argument("--head-init-scale", type=float, default=None)
