@@ -30,15 +30,15 @@ datasets.disable_progress_bars()
 TRUNCATED, NOT_AN_IMAGE = 5, 100      # the broken training images' indices
 
 
-def parquet_with_broken_images(tmp_path, broken: dict, n_train=256, n_test=64) -> Path:
-    """The first shipped images as a local parquet dataset, with the training images at `broken`'s indices
-    replaced: "truncated" (the first half of the PNG) or "garbage" (bytes that are no image)."""
+def parquet_with_broken_images(tmp_path, broken: dict, n_train=256, n_test=64, split_broken="train") -> Path:
+    """The first shipped images as a local parquet dataset, with the images of split `split_broken` at `broken`'s
+    indices replaced: "truncated" (the first half of the PNG) or "garbage" (bytes that are no image)."""
     folder = tmp_path / "broken_data"
     folder.mkdir()
     for split, n in (("train", n_train), ("test", n_test)):
         ds = datasets.load_dataset("parquet", data_files=str(DEFAULT_DATASET / f"{split}.parquet"), split="train")
         ds = ds.select(range(n)).cast_column("image", datasets.Image(decode=False))
-        if split == "train":
+        if split == split_broken:
             def spoil(example, index):
                 kind, png = broken.get(index), example["image"]["bytes"]
                 if kind:
@@ -115,6 +115,21 @@ def test_too_many_unreadable_samples_end_the_run_in_one_line(tmp_path, capsys, b
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("error: ") and re.search(message, err[-1]), err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_an_unreadable_eval_sample_counts_once_over_two_processes(tmp_path):
+    """33 test images over 2 processes: the second process's last batch is padded with the split's first samples,
+    and the unreadable image 0 is among them; the gathered count drops the padding with the logits."""
+    data = parquet_with_broken_images(tmp_path, {0: "garbage"}, n_train=64, n_test=33, split_broken="test")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              str(ROOT / "recipes" / "train.py")]
+    done = subprocess.run(launch + QUICK + ["--dataset", str(data), "--max-bad-share", "0.1", "--experiment", "e",
+                                            "--output", str(tmp_path)], env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped an unreadable sample: split 'eval', index 0" in done.stderr
+    rows = list(csv.DictReader(open(tmp_path / "e" / "summary.csv")))
+    assert [(r["train_skipped"], r["eval_skipped"]) for r in rows] == [("0", "1")]
 
 
 @pytest.mark.slow

@@ -418,13 +418,14 @@ def apply_transforms(dataset: datasets.Dataset, transform: Callable, image_colum
 
 def collate_image_batch(examples: list) -> dict:
     """Stack `apply_transforms` examples: a DataLoader `collate_fn` and an HF Trainer `data_collator`.
-    Examples from `SkipUnreadable` add `skipped`, the batch's count of unreadable samples replaced."""
+    Examples from `SkipUnreadable` add `skipped`, per sample the number of unreadable samples it replaced: per
+    sample, so that an evaluation gathered over processes drops it with the padding it drops."""
     batch = {
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
     }
     if "skipped" in examples[0]:
-        batch["skipped"] = torch.tensor(sum(e["skipped"] for e in examples))
+        batch["skipped"] = torch.tensor([e["skipped"] for e in examples], dtype=torch.long)
     return batch
 
 

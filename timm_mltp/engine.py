@@ -407,7 +407,7 @@ class Trainer:
 
     def count_unreadable(self, batches) -> None:
         """Add the step's unreadable samples, over all processes, to the epoch's count (too many end the run)."""
-        local = sum(int(batch["skipped"]) for batch in batches if "skipped" in batch)
+        local = sum(int(batch["skipped"].sum()) for batch in batches if "skipped" in batch)
         total = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum")
         self.epoch_skipped += int(total.item())
         check_unreadable_share(self.args.train_split or "train", self.epoch_skipped, self.train_size,
@@ -441,7 +441,6 @@ class Trainer:
         module.eval()
         losses, top1, top5, n, skipped = 0.0, 0.0, 0.0, 0, 0
         for batch in self.eval_loader:
-            skipped += int(batch.get("skipped", 0))
             batch = send_to_device(batch, acc.device)   # a stream's batches (Accelerate placed the others)
             images = batch["pixel_values"]
             if self.args.channels_last:
@@ -449,16 +448,21 @@ class Trainer:
             with acc.autocast():
                 logits = module(images)
             logits, labels = logits.float(), batch["labels"]
-            if not self.streamed:   # the processes' batches of the split, its padding dropped
-                logits, labels = acc.gather_for_metrics((logits, labels))
+            unreadable = batch.get("skipped", torch.zeros_like(labels))   # per sample: replacements it made
+            if not self.streamed:
+                # the processes' batches of the split, its padding dropped: the padding repeats the split's first
+                # samples, and an unreadable one among them would otherwise count twice
+                logits, labels, unreadable = acc.gather_for_metrics((logits, labels, unreadable))
             k = min(5, logits.shape[1])
             a1, a5 = accuracy(logits, labels, topk=(1, k))
             losses += F.cross_entropy(logits, labels, reduction="sum").item()
             top1, top5, n = top1 + a1.item() * len(labels), top5 + a5.item() * len(labels), n + len(labels)
+            skipped += int(unreadable.sum())
         if self.streamed:   # each process evaluated its own part of the stream
-            sums = acc.reduce(torch.tensor([losses, top1, top5, n], dtype=torch.float64, device=acc.device), "sum")
-            losses, top1, top5, n = sums.tolist()
-        skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum").item())
+            sums = acc.reduce(torch.tensor([losses, top1, top5, n, skipped], dtype=torch.float64, device=acc.device),
+                              "sum")
+            losses, top1, top5, n, skipped = sums.tolist()
+            skipped = int(skipped)
         check_unreadable_share(self.args.eval_split or "eval", skipped, n if self.streamed else
                                len(self.eval_loader.dataset), self.args.max_bad_share)
         return {"eval_loss": losses / n, "eval_top1": top1 / n, "eval_top5": top5 / n, "eval_skipped": skipped}
@@ -483,7 +487,8 @@ class Trainer:
         self.scheduler.step(self.epoch, metric)
         row = {"epoch": epoch, "train_loss": train["loss"], **{k: metrics.get(k) for k in SUMMARY_COLUMNS[2:5]},
                "lr": self.optimizer.param_groups[0]["lr"], **{k: train[k] for k in EPOCH_STATS[1:]},
-               "second_order": self.step.second_order(), "train_skipped": self.epoch_skipped, "eval_skipped": metrics.get("eval_skipped")}
+               "second_order": self.step.second_order(), "train_skipped": self.epoch_skipped,
+               "eval_skipped": metrics.get("eval_skipped")}
         self.rows.append(row)
         self.save("epoch", epoch=epoch, metric=metric)
         self.write_summary()
