@@ -14,6 +14,7 @@ Any other exit keeps torchrun's code. torchrun's options pass through unchanged.
 """
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -48,6 +49,10 @@ def end_process(code: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
     leave_process_group()
+    # What still holds the group (a DDP-wrapped model holds it and gloo's threads) is freed now, while the
+    # interpreter is whole: freed during its shutdown, gloo's threads can abort the process (SIGABRT,
+    # "terminate called without an active exception") after the run has ended well.
+    gc.collect()
     record_exit_code(code)
 
 
