@@ -5,7 +5,7 @@ Both runs are engine Trainers with the same options (default MLTP step, test_res
 measures whole loader-to-optimizer steps, data loading included. The two alternate in rounds of --steps steps, so
 machine noise hits both alike; the figures are the medians over the rounds, after one warm-up round each.
 
-    python benchmarks/stream_throughput.py                          # 2,048 shipped images in 8 shards, B = 32
+    python benchmarks/stream_throughput.py                          # 4,096 shipped images in 8 shards, B = 32
     python benchmarks/stream_throughput.py --workers 2 --rounds 7   # with loader workers
     python benchmarks/stream_throughput.py --images 256 --steps 2 --rounds 1   # a check that it runs (seconds)
 
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="test_resnet")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="one task; a step takes 2 x this")
-    p.add_argument("--images", type=int, default=2048, help="training images written as parquet shards")
+    p.add_argument("--images", type=int, default=4096, help="training images written as parquet shards")
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--steps", type=int, default=8, help="steps per round")
