@@ -38,12 +38,16 @@ def pyplot():
     return plt
 
 
+MIN_PAIRS = 3   # fewer pairs decide nothing (the sign-flip p of 2 pairs is at least 0.5): left to the report
+
+
 def pooled_rows(csv_path: Path) -> list[tuple[str, list[float]]]:
-    """(label, paired differences against `none`) per optimizer family, model and method, in the report's order."""
+    """(label, paired differences against `none`) per optimizer family, model and method, in the report's order;
+    cells of at least MIN_PAIRS pairs."""
     pooled = pooled_differences(numeric(read_rows(csv_path)), by_family=True)
     order = sorted(pooled, key=lambda k: (k[0], k[1], METHODS.index(k[2]) if k[2] in METHODS else 99))
     return [(f"{family}: {model}, {method}", pooled[(family, model, method)]["none"])
-            for family, model, method in order if pooled[(family, model, method)]["none"]]
+            for family, model, method in order if len(pooled[(family, model, method)]["none"]) >= MIN_PAIRS]
 
 
 def draw_pooled(csv_path: Path, png: Path) -> None:
