@@ -31,6 +31,7 @@ several sessions, and `--report` turns the CSV into docs/generalization.md and .
     python benchmarks/generalization.py --setting converged,converged-adamw --methods none,fo,full,sam \
         --equal-compute fo,full,sam --jobs 12 --budget 450             # the GPU matrix (device_study.sh)
     python benchmarks/generalization.py --rerun-sample 3                # do 3 random rows still reproduce?
+    python benchmarks/generalization.py --rerun-sample 2 --setting adamw --methods none,sam   # ... of these
 
 Benchmark-only dependency: matplotlib (the plot).
 """
@@ -113,8 +114,11 @@ def main(argv=None):
         return
     if args.rerun_sample is not None:
         # the quick matrix ran on the shipped subset; every other setting on the full Fashion-MNIST
+        # --setting, --models, --methods and --paths narrow the rows drawn from (unset: any)
+        within = {"setting": args.setting, "model": args.models, "path": args.paths,
+                  "method": None if args.methods == METHODS else args.methods}
         matched = rerun_sample(csv_path, args.rerun_sample, None if args.quick else ensure_full_dataset(),
-                               args.threads, args.rerun_seed)
+                               args.threads, args.rerun_seed, {k: v for k, v in within.items() if v})
         sys.exit(0 if matched else 1)
     settings = (QUICK["setting"],) if args.quick else args.setting
     if not settings:

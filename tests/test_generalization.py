@@ -87,6 +87,12 @@ def test_quick_underfit_runs_both_paths_and_a_rerun_skips_them(tmp_path):
     assert f"matches to the last digit: underfit engine test_convnext fo ({DEFAULT_RULE}) seed 0" in out
     assert "DIFFERS: underfit engine test_convnext none (-) seed 0" in out and "final_top1" in out.split("DIFFERS")[1]
     assert "1 of 2 rerun row(s) match to the last digit" in out
+    # --methods narrows the draw: the two fo rows, of which this device can rerun one, which matches
+    result = subprocess.run([sys.executable, str(SCRIPT), "--rerun-sample", "10", "--quick", "--csv", str(sample),
+                             "--methods", "fo"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rows in" in result.stdout and "1 can be rerun here" in result.stdout
+    assert "1 of 1 rerun row(s) match to the last digit" in result.stdout
 
 
 OLD_COLUMNS = ["device", "method", "model", "seed", "epochs", "train_samples", "samples_seen", "optimizer_steps",
@@ -415,7 +421,7 @@ def csv_row(method, seed, seconds, top1=80.0, model="resnet18", epochs=30, **kw)
     run = Run("converged", "engine", method, model, seed, epochs, 3000, "-" if method in BASELINES else DEFAULT_RULE,
               **kw)
     row = {c: "" for c in COLUMNS} | {k: "" if v is None else str(v) for k, v in asdict(run).items()}
-    return row | {"device": "gpu test", "wall_seconds": str(seconds), "final_top1": str(top1)}
+    return row | {"device": "gpu test", "wall_seconds": str(seconds), "final_top1": str(top1), "commit": "abc"}
 
 
 def test_equal_compute_runs_are_planned_from_the_measured_ratio_once_two_seeds_are_in():
@@ -428,6 +434,9 @@ def test_equal_compute_runs_are_planned_from_the_measured_ratio_once_two_seeds_a
              csv_row("full", 1, 99.0, model="convnext_atto")]   # another model: not paired
     full = next(r for r in base if r.method == "full")
     assert measured_cost_ratio(rows, "gpu test", full) == 2.5   # (24 + 26) / (10 + 10), seeds 0 and 1
+    # a row from before rows recorded their commit (its machine's load unknown) does not count
+    assert measured_cost_ratio([r | {"commit": ""} if r["seed"] == "1" else r for r in rows], "gpu test",
+                               full) is None
     extra = [r for r in planner(rows) if r not in base]
     # full: 30 x 2.5 = 75 epochs of none, for every seed; sam has one paired seed only
     assert {(r.method, r.compute_of, r.epochs, r.base_epochs, r.cost_ratio) for r in extra} == {

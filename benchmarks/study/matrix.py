@@ -90,10 +90,12 @@ def measured_cost_ratio(rows: list[dict], device: str, method_run: Run) -> float
     """The wall time of `method_run`'s cell (same group, model, rule and rho) over `none`'s, summed over the seeds
     both have: the measured compute the equal-compute baseline gets (issue 24; the paired runs' wall time, which
     holds training and the evaluation both have, rather than step_cost.py's per-step ratio, which leaves out data
-    loading). None until MIN_COST_SEEDS seeds of each are in."""
+    loading). Only rows that record their commit count: the rows from before issue 24 ran beside other jobs on
+    a shared machine, and their wall times vary up to 4x between seeds of one cell. None until MIN_COST_SEEDS
+    seeds of each are in."""
     walls = {"none": {}, "method": {}}
     for row in rows:
-        if not same_group(row, method_run, device) or row["model"] != method_run.model:
+        if not same_group(row, method_run, device) or row["model"] != method_run.model or not row["commit"]:
             continue
         rho = float(row["curvature_fraction"])
         if row["method"] == "none" and rho == DEFAULT_CURVATURE_FRACTION:

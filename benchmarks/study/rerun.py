@@ -52,10 +52,13 @@ def why_not(row: dict, device: str) -> str:
     return ""
 
 
-def rerun_sample(csv_path: Path, n: int, dataset: Path | None, threads: int, seed: int = 0) -> bool:
+def rerun_sample(csv_path: Path, n: int, dataset: Path | None, threads: int, seed: int = 0,
+                 within: dict | None = None) -> bool:
     """Rerun n rows drawn (with `seed`) from those this device can rerun, print each compared column, and say
-    which rows cannot be rerun and why. True when every rerun row matches."""
+    which rows cannot be rerun and why. within: column -> allowed values, the rows to draw from (all if None).
+    True when every rerun row matches."""
     rows, device = read_rows(csv_path), device_name(threads)
+    rows = [row for row in rows if all(row[column] in allowed for column, allowed in (within or {}).items())]
     blocked = [(row, why_not(row, device)) for row in rows]
     candidates = [row for row, reason in blocked if not reason]
     print(f"{len(rows)} rows in {csv_path}; {len(candidates)} can be rerun here ({device})")
