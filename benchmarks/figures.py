@@ -4,8 +4,9 @@
     python benchmarks/figures.py --only pooled    # one of them
 
 pooled     the study's pooled paired differences (top-1 minus standard training's on the same seed), per optimizer
-           family, model and method at the default inner-step rule: the numbers `generalization.py --report`
-           pools (benchmarks/study/report.py), from benchmarks/results/generalization.csv
+           family, model and method at the default inner-step rule, at equal epochs and (hollow) against standard
+           training given the method's measured compute: the numbers `generalization.py --report` pools
+           (benchmarks/study/report.py), from benchmarks/results/generalization.csv
 step_cost  cost per training sample against image size, from the tables of benchmarks/results/step_cost_cpu.md
 
 Benchmark-only dependency: matplotlib.
@@ -18,7 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from study.report import METHODS, pooled_differences, sign_flip_p
+from study.report import METHODS, compute_pairs, pooled_differences, sign_flip_p
 from study.results import numeric, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,30 +42,44 @@ def pyplot():
 MIN_PAIRS = 3   # fewer pairs decide nothing (the sign-flip p of 2 pairs is at least 0.5): left to the report
 
 
-def pooled_rows(csv_path: Path) -> list[tuple[str, list[float]]]:
-    """(label, paired differences against `none`) per optimizer family, model and method, in the report's order;
-    cells of at least MIN_PAIRS pairs."""
-    pooled = pooled_differences(numeric(read_rows(csv_path)), by_family=True)
+def pooled_rows(csv_path: Path) -> list[tuple[str, list[float], list[float]]]:
+    """(label, paired differences against `none` at equal epochs, and against `none` given the method's measured
+    compute) per optimizer family, model and method, in the report's order; cells of at least MIN_PAIRS pairs (an
+    equal-compute side with fewer is left empty)."""
+    rows = numeric(read_rows(csv_path))
+    pooled, compute = pooled_differences(rows, by_family=True), compute_pairs(rows)
     order = sorted(pooled, key=lambda k: (k[0], k[1], METHODS.index(k[2]) if k[2] in METHODS else 99))
-    return [(f"{family}: {model}, {method}", pooled[(family, model, method)]["none"])
-            for family, model, method in order if len(pooled[(family, model, method)]["none"]) >= MIN_PAIRS]
+    out = []
+    for key in order:
+        epochs = pooled[key]["none"]
+        at_compute = compute[key]["compute"] if key in compute else []
+        if len(epochs) >= MIN_PAIRS:
+            out.append((f"{key[0]}: {key[1]}, {key[2]}", epochs, at_compute if len(at_compute) >= MIN_PAIRS else []))
+    return out
 
 
 def draw_pooled(csv_path: Path, png: Path) -> None:
-    """A forest plot: each pair a faint dot, the mean with one std either side, n and the sign-flip p beside it."""
+    """A forest plot: each pair a faint dot, the mean with one std either side, n and the sign-flip p beside it;
+    filled at equal epochs, hollow (just below) against standard training given the method's compute."""
     rows = pooled_rows(csv_path)
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rows) + 1.2))
-    for y, (name, diffs) in enumerate(reversed(rows)):
-        mean, std = statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-        color = "tab:gray" if "sam" in name.split(", ")[-1] else ("tab:blue" if mean >= 0 else "tab:red")
-        ax.scatter(diffs, [y] * len(diffs), s=8, color=color, alpha=0.3, lw=0)
-        ax.errorbar(mean, y, xerr=std, fmt="o", color=color, ms=5, capsize=3)
-        ax.annotate(f"n {len(diffs)}, p {sign_flip_p(diffs):.2g}", (1.01, y), xycoords=("axes fraction", "data"),
-                    va="center", fontsize=7)
+    fig, ax = plt.subplots(figsize=(8.5, 0.36 * len(rows) + 1.4))
+    for y, (name, diffs, at_compute) in enumerate(reversed(rows)):
+        notes = []
+        for offset, values, hollow in ((0.0, diffs, False), (-0.3, at_compute, True)):
+            if not values:
+                continue
+            mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+            color = "tab:gray" if "sam" in name.split(", ")[-1] else ("tab:blue" if mean >= 0 else "tab:red")
+            ax.scatter(values, [y + offset] * len(values), s=8, color=color, alpha=0.3, lw=0)
+            ax.errorbar(mean, y + offset, xerr=std, fmt="o", color=color, ms=5, capsize=3,
+                        mfc="white" if hollow else color)
+            notes.append(f"{'equal compute: ' if hollow else ''}n {len(values)}, p {sign_flip_p(values):.2g}")
+        ax.annotate("; ".join(notes), (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(rows)), [name for name, _ in reversed(rows)], fontsize=7)
-    ax.set_xlabel("test top-1 minus standard training's, same seed (points): mean ± std, dots: pairs", fontsize=8)
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in reversed(rows)], fontsize=7)
+    ax.set_xlabel("test top-1 minus standard training's, same seed (points): mean ± std, dots: pairs; "
+                  "filled: equal epochs, hollow: standard training given the method's compute", fontsize=7)
     ax.set_title("MLTP (default inner-step rule) and SAM against standard training, pooled over settings", fontsize=9)
     save(fig, png)
 

@@ -11,8 +11,11 @@ as two batches of standard training, SAM as one batch of 2B taken twice (at w, t
                  training loss is near zero
     timm-recipe  the recipe with RandAugment, random erasing, mixup/cutmix, label smoothing and EMA
     short        issue 5's study (4 epochs, 20,000 images, no clipping, alpha = lr), kept for its rows
-    converged    issue 24: resnet18, convnext_atto and vit_tiny at 32 px, 10,000 images x 30 epochs, 5 seeds,
+    converged    issue 24: resnet18, convnext_atto and vit_tiny at 32 px, 3,000 images x 30 epochs, 5 seeds,
                  SGD + momentum (`converged`) and AdamW (`converged-adamw`), on a GPU: benchmarks/device_study.sh
+    converged-small  issue 24 on a 2-core CPU: resnet10t (SGD + momentum), convnext_atto and
+                 mobilenetv3_small_100 (AdamW: `converged-small-adamw`), 2,000 images x 30 epochs, 5 seeds:
+                 benchmarks/study_equal_compute.sh
 
 Equal compute (issue 24): with --equal-compute fo,full,sam, each `none` run is joined by `none` runs given the
 measured compute of those methods (epochs x the wall-time ratio of the paired runs), planned as soon as two

@@ -9,6 +9,7 @@ import csv
 import os
 import subprocess
 import sys
+import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -494,8 +495,8 @@ def test_report_gives_both_comparisons_and_the_verdict_at_equal_compute(tmp_path
     assert ("| SGD + momentum | net_a | sam | 5 | 2.00x | 30 / 60 | 0.80 ± 0.00 (n=5) | 0.062 | 0.30 ± 0.00 (n=5) | "
             "0.062 | pays |") in section
     assert ("- net_a, SGD + momentum: MLTP **does not pay** at equal compute (top-1 minus standard training run as "
-            "long as the method took, paired by seed): full -0.50 ± 0.00 (p 0.062, 5 seeds). SAM: sam +0.30 ± 0.00 "
-            "(p 0.062, 5 seeds).") in section
+            "long as the method took, paired by seed): full -0.50 ± 0.00 (p 0.062, 5 seeds). SAM, the anchor: "
+            "+0.80 ± 0.00 at equal epochs (p 0.062), +0.30 ± 0.00 (p 0.062, 5 seeds) at equal compute.") in section
     # the group's table (top-1 std 1.1 x std(0..4) = 1.74): the equal-compute column beside the equal-epoch one;
     # equal-compute runs make no cell of their own
     group = text.split("## Setting `converged`", 1)[1]
@@ -504,3 +505,19 @@ def test_report_gives_both_comparisons_and_the_verdict_at_equal_compute(tmp_path
     assert group.count("| net_a | none |") == 1
     assert "Code: 25 of 25 rows record their commit (25 from a clean tree, 1 commit(s))" in text
     assert doc.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_readme_picture_holds_both_comparisons(tmp_path):
+    pytest.importorskip("matplotlib")
+    import figures
+    results = tmp_path / "results.csv"
+    for row in compute_rows():
+        append_row(results, row | {"commit": "abc", "tree_clean": "yes", "gamma": "0.5", "alpha_scale": "1.0"})
+    drawn = {name: (epochs, compute) for name, epochs, compute in figures.pooled_rows(results)}
+    epochs, compute = drawn["SGD + momentum: net_a, full"]
+    # by hand (compute_rows): full - none = 1.0 + wobble at equal epochs, -0.5 on every seed at equal compute
+    assert statistics.fmean(epochs) == pytest.approx(1.0) and len(epochs) == 5
+    assert compute == pytest.approx([-0.5] * 5)
+    assert drawn["SGD + momentum: net_a, sam"][1] == pytest.approx([0.3] * 5)
+    figures.draw_pooled(results, tmp_path / "pooled.png")
+    assert (tmp_path / "pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -464,9 +464,14 @@ def compute_verdicts(rows: list[dict]) -> list[str]:
         paying = [k for k in mltp if pays(pooled[k]["compute"]) == "pays"]
         verb = "**pays**" if paying else "**does not pay**"
         details = "; ".join(map(said, mltp)) if mltp else "no MLTP variant has equal-compute runs"
-        sam = [said(k) for k in methods if k[2] == "sam"]
+        sam = [k for k in methods if k[2] == "sam"]
+        anchor = ""
+        if sam:   # the anchor: does the known regulariser help here at all (at equal epochs), and at its cost?
+            epochs = pooled[sam[0]]["epochs"]
+            anchor = (f" SAM, the anchor: {difference(epochs)} at equal epochs (p {p_value(sign_flip_p(epochs))}), "
+                      f"{said(sam[0]).removeprefix('sam ')} at equal compute.")
         lines.append(f"- {model}, {family}: MLTP {verb} at equal compute (top-1 minus standard training run as "
-                     f"long as the method took, paired by seed): {details}" + (f". SAM: {sam[0]}." if sam else "."))
+                     f"long as the method took, paired by seed): {details}." + anchor)
     return lines
 
 
