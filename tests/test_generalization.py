@@ -521,3 +521,12 @@ def test_the_readme_picture_holds_both_comparisons(tmp_path):
     assert drawn["SGD + momentum: net_a, sam"][1] == pytest.approx([0.3] * 5)
     figures.draw_pooled(results, tmp_path / "pooled.png")
     assert (tmp_path / "pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pays_needs_pairs_enough_for_the_sign_flip_test_to_decide():
+    from study.report import pays
+    # 4 pairs of one sign: p = 2/16 = 0.125, above the level 0.1 whatever they say: undecided, not "does not pay"
+    assert pays([1.0, 2.0, 0.5, 0.1]) == "undecided (4 pairs)"
+    assert pays([1.0, 2.0, 0.5, 0.1, 0.3]) == "pays"          # p = 2/32
+    assert pays([-1.0, -2.0, -0.5, -0.1, -0.3]) == "loses"
+    assert pays([1.0, -2.0, 0.5, -0.1, 0.3]) == "does not pay"

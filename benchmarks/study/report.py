@@ -422,11 +422,13 @@ def compute_pairs(rows: list[dict]) -> dict[tuple, dict]:
 
 
 def pays(diffs: list[float]) -> str:
-    """At equal compute: `pays` (a gain the sign-flip test tells from zero at PAYS_LEVEL), `loses` (such a loss)
-    or `does not pay`."""
+    """At equal compute: `pays` (a gain the sign-flip test tells from zero at PAYS_LEVEL), `loses` (such a loss),
+    `undecided` (too few pairs for any sign pattern to reach the level: fewer than 5) or `does not pay`."""
     p = sign_flip_p(diffs)
     if p < PAYS_LEVEL:
         return "pays" if statistics.fmean(diffs) > 0 else "loses"
+    if 2.0 ** (1 - len(diffs)) >= PAYS_LEVEL:   # even pairs all of one sign could not reach the level
+        return f"undecided ({len(diffs)} pairs)"
     return "does not pay"
 
 
@@ -461,9 +463,14 @@ def compute_verdicts(rows: list[dict]) -> list[str]:
             return f"{k[2]} {difference(diffs)} (p {p_value(sign_flip_p(diffs))}, {len(diffs)} seeds)"
 
         mltp = [k for k in methods if k[2] not in BASELINES]
-        paying = [k for k in mltp if pays(pooled[k]["compute"]) == "pays"]
-        verb = "**pays**" if paying else "**does not pay**"
-        details = "; ".join(map(said, mltp)) if mltp else "no MLTP variant has equal-compute runs"
+        said_of = [pays(pooled[k]["compute"]) for k in mltp]
+        if "pays" in said_of:
+            verb = "**pays**"
+        elif not mltp or all(s.startswith("undecided") for s in said_of):
+            verb = "is **undecided**"   # no runs, or too few pairs for the sign-flip test to reach its level
+        else:
+            verb = "**does not pay**"
+        details = "; ".join(map(said, mltp)) if mltp else "no MLTP variant has equal-compute runs yet"
         sam = [k for k in methods if k[2] == "sam"]
         anchor = ""
         if sam:   # the anchor: does the known regulariser help here at all (at equal epochs), and at its cost?
