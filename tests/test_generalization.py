@@ -280,7 +280,7 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert summary.count("\n- `") == 7 and "- `overfit`, engine, 1,000 training images" in summary
     # pooled over the current settings (not `short`): net_a's fo has 3 + 3 + 2 pairs, 5 better and 3 worse
     pooled = text.split("## Pooled over settings", 1)[1].split("## Setting", 1)[0]
-    assert "settings `underfit`, `overfit`, `timm-recipe`, `adamw`, `finetune`, `converged`, `converged-adamw` (" in pooled
+    assert "settings `underfit`, `overfit`, `timm-recipe`, `adamw`, `finetune`, `converged`, `converged-adamw`, `converged-small`, `converged-small-adamw` (" in pooled
     assert "| net_a | fo | optimizer | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in pooled
     assert "| net_b | sam | - | 6 | 0.00 ± 0.34 (n=6) | 2 / 2 | 1.000 | - | - |" in pooled
     assert "full" not in pooled
@@ -455,7 +455,7 @@ def test_equal_compute_runs_are_planned_from_the_measured_ratio_once_two_seeds_a
 
 def test_a_row_cut_short_is_left_out_and_old_rows_read_as_unknown_code(tmp_path):
     results = tmp_path / "cut.csv"
-    append_row(results, csv_row("none", 0, 10.0))
+    append_row(results, csv_row("none", 0, 10.0) | {"commit": ""})   # a row from before commits were recorded
     with open(results, "a") as f:
         f.write('"gpu test",converged,engine,full,resnet18,0,30')   # killed while writing
     (row,) = read_rows(results)
