@@ -7,6 +7,7 @@
 # CSV are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this tree's timm_mltp: the one whose commit rows record
 export OMP_NUM_THREADS=1
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 study() { python benchmarks/generalization.py --jobs 2 --models test_vit,test_convnext "$@"; }

@@ -8,6 +8,7 @@
 #   snapshot of the code (git worktree) while writing into the main checkout's CSV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this tree's timm_mltp: the one whose commit rows record
 export OMP_NUM_THREADS=1
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 CSV=${STUDY_CSV:-benchmarks/results/generalization.csv}

@@ -12,10 +12,12 @@
 #
 # STUDY_CSV (env): the results file (default: the repo's). To run from a frozen copy of a commit while editing the
 # checkout, extract it (`git archive HEAD | tar -x -C /tmp/frozen`), link data/fashion-mnist-full into it, set
-# STUDY_COMMIT=<that commit> STUDY_TREE_CLEAN=yes (recorded with every row) and run the copy's script.
+# STUDY_COMMIT=<that commit> STUDY_TREE_CLEAN=yes (recorded with every row) and run the copy's script (it imports the
+# copy's timm_mltp; generalization.py refuses to record a commit for code imported from elsewhere).
 # Afterwards: python benchmarks/generalization.py --report && python benchmarks/figures.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this tree's timm_mltp: the one whose commit rows record
 START=$SECONDS
 BUDGET=${1:-}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONUNBUFFERED=1

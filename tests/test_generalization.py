@@ -27,7 +27,8 @@ import generalization  # noqa: E402
 from study import paths  # noqa: E402
 from study.matrix import plan  # noqa: E402
 from study.report import SIGN_FLIP_DRAWS, report, sign_flip_p  # noqa: E402
-from study.results import COLUMNS, append_row, key, read_rows  # noqa: E402
+from study.results import (COLUMNS, EARLIER_D, GONE_RULE, TIMED_AUTO, append_row, code_state, key,  # noqa: E402
+                           read_rows, superseded)
 from study.sam import SAMTrainer  # noqa: E402
 from study.settings import (ALPHA_SCALES, BASELINES, BATCH_SIZE, DEFAULT_RULE, GAMMAS, METHODS, MODELS,  # noqa: E402
                             OVERFIT_EPOCHS, PATHS, QUICK, SAM_RHO, SEEDS, SETTINGS, Run)
@@ -284,6 +285,10 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert "| net_a | fo | optimizer | 8 | -0.25 ± 1.47 (n=8) | 5 / 3 |" in pooled
     assert "| net_b | sam | - | 6 | 0.00 ± 0.34 (n=6) | 2 / 2 | 1.000 | - | - |" in pooled
     assert "full" not in pooled
+    # second-order rows without a commit ran under the timed auto: shown with their mark, never pooled
+    assert ("- Not reproducible with the code as shipped (left out of the pooled tables): conv (optimizer) on "
+            "net_a, seeds 0, 1, 2: made while `auto` timed exact against fd") in underfit
+    assert "| conv |" not in pooled
     assert "| net_a | fo | preconditioned | 3 | 0.50 ± 0.00 (n=3) | 3 / 0 |" in pooled
     finetune = sections["`finetune`"]
     assert ("- Not reproducible with the code as shipped (left out of the pooled tables): fo (preconditioned) on "
@@ -298,6 +303,37 @@ def test_report_writes_verdicts_per_setting_the_doc_and_the_plot(tmp_path):
     assert "update" not in family.split("|", 1)[1]
     assert doc.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+def test_rows_the_shipped_code_no_longer_makes_are_named_with_why():
+    row = {"setting": "underfit", "method": "conv", "alpha_rule": "optimizer", "commit": ""}
+    assert superseded(row) == TIMED_AUTO                         # exact or fd: load decided
+    assert superseded(row | {"commit": "abc"}) == ""             # after fdb4952: auto runs exact
+    assert superseded(row | {"method": "full"}) == superseded(row | {"method": "fc"}) == TIMED_AUTO
+    assert superseded(row | {"method": "fo"}) == superseded(row | {"method": "sam", "alpha_rule": "-"}) == ""
+    adamw = row | {"setting": "adamw", "method": "fo", "alpha_rule": "preconditioned"}
+    assert superseded(adamw) == EARLIER_D and superseded(adamw | {"commit": "abc"}) == ""
+    assert superseded(adamw | {"method": "full"}) == EARLIER_D   # the first reason found
+    assert superseded(row | {"alpha_rule": "optimizer-v0"}) == GONE_RULE
+
+def test_a_row_the_code_no_longer_makes_is_run_again_and_replaced(tmp_path, monkeypatch):
+    from study import matrix
+    results, device = tmp_path / "results.csv", matrix.device_name(1)
+    base = plan("converged", "main", ("none", "full"), ("resnet18",), (0,), DEFAULT_RULE)
+    for run in base:     # no commit: `none` as shipped, `full` under the timed auto
+        append_row(results, csv_row(run.method, 0, 10.0, 70.0) | {"device": device, "commit": ""})
+    ran = []
+
+    def execute(job):
+        ran.append(job[0])
+        return {c: "" for c in COLUMNS} | asdict(job[0]) | {"device": device, "wall_seconds": 12.0,
+                                                             "final_top1": 71.0}
+    monkeypatch.setattr(matrix, "_execute", execute)
+    assert matrix.run_matrix(base, results, None, threads=1, jobs=1) == 0
+    assert [run.method for run in ran] == ["full"]
+    assert sorted((r["method"], r["final_top1"], bool(r["commit"])) for r in read_rows(results)) == [
+        ("full", "71.0", True), ("none", "70.0", False)]
+    assert len(results.read_text().splitlines()) == 1 + 3        # the old row stays in the file, read no more
+    assert matrix.run_matrix(base, results, None, threads=1, jobs=1) == 0 and len(ran) == 1
 
 def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme_by_hand():
     # all 8 patterns of (1, 2, 3): sums 6, 4, 2, 0, 0, -2, -4, -6
@@ -360,7 +396,7 @@ def test_runs_at_rho_below_1_enter_only_the_curvature_section(tmp_path):
     for seed, change in zip(range(3), (0.5, -0.25, 1.0)):
         append_row(sampled, {**fo[seed], "curvature_fraction": 0.25, "wall_seconds": 12.0,
                              "final_top1": fo[seed]["final_top1"] + change})
-    append_row(sampled, {**fo[0], "method": "conv", "seed": 5, "curvature_fraction": 0.25})
+    append_row(sampled, {**fo[0], "method": "conv", "seed": 5, "curvature_fraction": 0.25, "commit": "abc"})
     report(plain, tmp_path / "plain" / "g.md")
     report(sampled, tmp_path / "sampled" / "g.md")
     # the lines but the one counting rows by their recorded commit
@@ -461,6 +497,16 @@ def test_a_row_cut_short_is_left_out_and_old_rows_read_as_unknown_code(tmp_path)
     (row,) = read_rows(results)
     assert row["method"] == "none" and row["commit"] == "" and row["tree_clean"] == ""
     assert [r["base_epochs"] for r in read_rows(results)] == ["0"]
+
+
+def test_rows_record_a_commit_only_for_the_code_that_runs(tmp_path, monkeypatch):
+    """A frozen copy of a commit, run with the editable install of another checkout, would record the copy's
+    commit for the checkout's code: refused, naming the fix."""
+    monkeypatch.setenv("STUDY_COMMIT", "abc1234")
+    monkeypatch.setenv("STUDY_TREE_CLEAN", "yes")
+    assert code_state(ROOT) == ("abc1234", "yes")
+    with pytest.raises(SystemExit, match=f"not from {tmp_path}: .* run with PYTHONPATH={tmp_path}$"):
+        code_state(tmp_path)
 
 
 def compute_rows():

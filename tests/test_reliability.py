@@ -59,6 +59,18 @@ def wait_for_line(proc, text: str, timeout: float = 300) -> str:
     return "".join(seen)
 
 
+def stopped_by_sigterm(args: list[str], output: Path, experiment: str, line: str) -> tuple[str, Path]:
+    """Start the recipe in its own process group, send the group SIGTERM (as schedulers do) once stdout shows
+    `line`, and check that it exits with the preemption code; its stdout and the checkpoint it saved."""
+    cut = subprocess.Popen(TRAIN + args + ["--experiment", experiment, "--output", str(output)], env=ENV, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    seen = wait_for_line(cut, line)
+    os.killpg(cut.pid, signal.SIGTERM)
+    out, err = cut.communicate(timeout=300)
+    assert cut.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    return seen + out, output / experiment / "last.pth.tar"
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     whole, resumed = (torch.load(p, weights_only=True) for p in (a, b))
     assert resumed["num_updates"] == whole["num_updates"]
@@ -84,13 +96,7 @@ def test_unreadable_images_are_skipped_the_same_way_after_sigterm_and_resume(tmp
     # the same run with a loader worker, stopped by SIGTERM to its process group (as schedulers send it) in its
     # first epoch, then resumed
     args += ["--workers", "1"]
-    cut = subprocess.Popen(TRAIN + args + ["--experiment", "cut", "--output", str(tmp_path)], env=ENV, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    wait_for_line(cut, "Train: 0 [   2/")
-    os.killpg(cut.pid, signal.SIGTERM)
-    out, err = cut.communicate(timeout=300)
-    assert cut.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    last = tmp_path / "cut" / "last.pth.tar"
+    out, last = stopped_by_sigterm(args, tmp_path, "cut", "Train: 0 [   2/")
     (line,) = [x for x in out.splitlines() if x.startswith("SIGTERM: ")]
     assert f"saved {last}; run the same command with --resume {last} to continue" in line
     state = torch.load(last, weights_only=True)

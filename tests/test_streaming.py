@@ -4,8 +4,6 @@ processes (README: Distributed; docs/distributed.md)."""
 import csv
 import hashlib
 import io
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,9 +14,9 @@ import datasets
 import pytest
 import torch
 
-from test_recipe import ENV, QUICK, ROOT, TRAIN, run
-from test_reliability import NOT_AN_IMAGE, TRUNCATED, assert_same_run, parquet_with_broken_images, wait_for_line
-from timm_mltp import PREEMPTED_EXIT_CODE
+from test_recipe import ENV, QUICK, ROOT, run
+from test_reliability import (NOT_AN_IMAGE, TRUNCATED, assert_same_run, parquet_with_broken_images,
+                              stopped_by_sigterm)
 from timm_mltp.data import DEFAULT_DATASET
 
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -114,13 +112,7 @@ def test_a_streamed_run_resumes_exactly_after_sigterm(tmp_path):
                      "--shuffle-buffer", "100"]
     run(args + ["--experiment", "whole"], tmp_path)
     args += ["--workers", "2"]
-    cut = subprocess.Popen(TRAIN + args + ["--experiment", "cut", "--output", str(tmp_path)], env=ENV, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    wait_for_line(cut, "Train: 0 [   1/")
-    os.killpg(cut.pid, signal.SIGTERM)
-    out, err = cut.communicate(timeout=300)
-    assert cut.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    last = tmp_path / "cut" / "last.pth.tar"
+    _, last = stopped_by_sigterm(args, tmp_path, "cut", "Train: 0 [   1/")
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 0 and 2 <= state["step_in_epoch"] < 4, "the stop lands mid-epoch"
     run(args + ["--experiment", "cut", "--resume", str(last)], tmp_path)

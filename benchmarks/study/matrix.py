@@ -20,7 +20,7 @@ from timm_mltp.errors import MLTPConfigError
 from timm_mltp.selection import select_parameters
 
 from .paths import execute
-from .results import COLUMNS, append_row, code_state, key, read_rows
+from .results import COLUMNS, append_row, code_state, key, read_rows, superseded
 from .settings import (ALPHA_SCALES, BASELINES, DEFAULT_ALPHA_SCALE, DEFAULT_CURVATURE_FRACTION, DEFAULT_GAMMA, GAMMAS,
                        SENSITIVITY_METHOD, SETTINGS, Run, equal_compute_epochs)
 
@@ -193,7 +193,7 @@ def run_matrix(runs, csv_path: Path, dataset: Path | None, threads: int, jobs: i
     planner = runs if callable(runs) else Planner(runs, equal_compute, device)
     planner.device = device
     rows = read_rows(csv_path)
-    done = {key(r) for r in rows}
+    done = {key(r) for r in rows if not superseded(r)}     # a row the code no longer makes is run again
     first = planner(rows)
     todo = [r for r in first if run_key(r, device) not in done]
     print(f"{len(first)} runs planned, {len(first) - len(todo)} already in {csv_path}, {len(todo)} to go ({device}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 import subprocess
@@ -31,7 +32,12 @@ def code_state(root: Path) -> tuple[str, str]:
     """(commit, tree clean: "yes" / "no") of the checkout at `root`, for every new row. STUDY_COMMIT and
     STUDY_TREE_CLEAN say it where they are set: a frozen copy of a commit, run inside another checkout (the
     device study: `git archive` of the commit, whose surrounding .git is not its own). Else git; where the tree
-    is no git checkout, both are "" (unknown), as in rows from before issue 24."""
+    is no git checkout, both are "" (unknown), as in rows from before issue 24. Exits where timm_mltp is not
+    imported from `root` (an editable install of another checkout): the rows would record code that did not run."""
+    package = Path(importlib.util.find_spec("timm_mltp").origin).resolve().parent
+    if Path(root).resolve() not in package.parents:
+        raise SystemExit(f"timm_mltp is imported from {package}, not from {root}: the rows would record {root}'s "
+                         f"commit for other code; run with PYTHONPATH={root}")
     if os.environ.get("STUDY_COMMIT"):
         return os.environ["STUDY_COMMIT"], os.environ.get("STUDY_TREE_CLEAN", "")
     try:
@@ -47,12 +53,18 @@ def code_state(root: Path) -> tuple[str, str]:
 EARLIER_D = ("made with the earlier D = 1/(sqrt(v_hat) + eps); the shipped D = 1/sqrt(v_hat + eps^2) (commit "
              "9257200) gives other numbers in these chaotic short runs (issue 24)")
 GONE_RULE = "its alpha rule is no longer in the code"
+TIMED_AUTO = ("made while `auto` timed exact against fd on its first step (before commit fdb4952), so whether it ran "
+              "exact or fd depended on the machine's load: the shipped auto runs exact and gives other numbers "
+              "(issue 22; rerun sample in benchmarks/results/rerun_sample.md)")
+SECOND_ORDER_METHODS = ("fc", "conv", "full")     # the MLTP variants with a second-order term: auto chose how
 
 
 def superseded(row: dict) -> str:
     """Why the code as shipped no longer makes this row ("" where it does, as far as is known). Under an adaptive
     optimizer the `preconditioned` and `online` rows from before rows recorded their commit were all run before
-    commit 9257200 changed D (the `optimizer` rows there came after it, benchmarks/study_curvature.sh)."""
+    commit 9257200 changed D (the `optimizer` rows there came after it, benchmarks/study_curvature.sh). Every
+    second-order row from before rows recorded their commit ran under the timed `auto`; every row with a commit
+    came after fdb4952 (the first commit recorded, 02a9fbe, descends from it)."""
     from timm_mltp.mltp import ALPHA_RULES   # here: the report reads CSVs without timm_mltp's import cost otherwise
 
     setting = SETTINGS.get(row["setting"])
@@ -61,6 +73,8 @@ def superseded(row: dict) -> str:
     if (setting is not None and setting.opt != "sgd" and row["alpha_rule"] in ("preconditioned", "online")
             and not row.get("commit")):
         return EARLIER_D
+    if row["method"] in SECOND_ORDER_METHODS and not row.get("commit"):
+        return TIMED_AUTO
     return ""
 
 
@@ -79,12 +93,20 @@ def upgraded(row: dict) -> dict:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The CSV's rows in today's columns; a last line cut short (a matrix killed while writing) is left out."""
+    """The CSV's rows in today's columns; a last line cut short (a matrix killed while writing) is left out, and
+    so is a row the code no longer makes where a rerun with the code as shipped has replaced it."""
     if not path.is_file():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    return [upgraded(row) for row in rows if None not in row.values() and None not in row]
+    return unreplaced([upgraded(row) for row in rows if None not in row.values() and None not in row])
+
+
+def unreplaced(rows: list[dict]) -> list[dict]:
+    """`rows` less the superseded ones that have a current row of the same key (a matrix plans a superseded run
+    again; the row it appends takes the old one's place)."""
+    current = {key(row) for row in rows if not superseded(row)}
+    return [row for row in rows if not (superseded(row) and key(row) in current)]
 
 
 def append_row(path: Path, row: dict) -> None:
