@@ -27,8 +27,8 @@ import generalization  # noqa: E402
 from study import paths  # noqa: E402
 from study.matrix import plan  # noqa: E402
 from study.report import SIGN_FLIP_DRAWS, report, sign_flip_p  # noqa: E402
-from study.results import (COLUMNS, EARLIER_D, GONE_RULE, TIMED_AUTO, append_row, code_state, key,  # noqa: E402
-                           read_rows, superseded)
+from study.results import (COLUMNS, EARLIER_D, GONE_RULE, OLDER_ROUNDING, TIMED_AUTO, append_row,  # noqa: E402
+                           code_state, key, read_rows, superseded)
 from study.sam import SAMTrainer  # noqa: E402
 from study.settings import (ALPHA_SCALES, BASELINES, BATCH_SIZE, DEFAULT_RULE, GAMMAS, METHODS, MODELS,  # noqa: E402
                             OVERFIT_EPOCHS, PATHS, QUICK, SAM_RHO, SEEDS, SETTINGS, Run)
@@ -206,7 +206,7 @@ def synthetic_rows():
                      "mean_relative_step": "" if method == "sam" else (0.0 if method == "none" else step),
                      "mean_update_ratio": "" if method in BASELINES else 0.6, "gamma": kw.pop("gamma", 0.5),
                      "alpha_scale": kw.pop("alpha_scale", 1.0), "batch_size": 64, "lr": 0.05,
-                     "commit": kw.pop("commit", "")})
+                     "commit": kw.pop("commit", "abc")})
 
     wobble, noise = (0.0, 0.2, -0.2), (0.0, 0.4, -0.3)   # seed-to-seed changes of a gain
     for model in ("net_a", "net_b"):
@@ -214,7 +214,7 @@ def synthetic_rows():
             base = 80 + seed
             add("underfit", "none", seed, base, model)
             add("underfit", "fo", seed, base + 1.0 + wobble[seed], model)
-            add("underfit", "conv", seed, base + noise[seed], model, seconds=15.0)
+            add("underfit", "conv", seed, base + noise[seed], model, seconds=15.0, commit="")   # timed auto
             add("underfit", "sam", seed, base + 0.2 * (seed - 1), model, seconds=20.0)
             add("overfit", "none", seed, base, model)
             add("overfit", "fo", seed, base - 2.0 + wobble[seed], model)
@@ -234,7 +234,7 @@ def synthetic_rows():
         # the earlier D (no commit recorded): shown in its group, never pooled (else net_a's preconditioned fo
         # would pool 6 pairs)
         add("finetune", "none", seed, 60.0 + seed)
-        add("finetune", "fo", seed, 70.0 + seed, rule="preconditioned")
+        add("finetune", "fo", seed, 70.0 + seed, rule="preconditioned", commit="")
     for gamma in GAMMAS:
         for scale in ALPHA_SCALES:
             if (gamma, scale) != (0.5, 1.0):
@@ -309,7 +309,9 @@ def test_rows_the_shipped_code_no_longer_makes_are_named_with_why():
     assert superseded(row) == TIMED_AUTO                         # exact or fd: load decided
     assert superseded(row | {"commit": "abc"}) == ""             # after fdb4952: auto runs exact
     assert superseded(row | {"method": "full"}) == superseded(row | {"method": "fc"}) == TIMED_AUTO
-    assert superseded(row | {"method": "fo"}) == superseded(row | {"method": "sam", "alpha_rule": "-"}) == ""
+    assert superseded(row | {"method": "fo"}) == OLDER_ROUNDING
+    assert superseded(row | {"method": "fo", "commit": "abc"}) == ""
+    assert superseded(row | {"method": "sam", "alpha_rule": "-"}) == superseded(row | {"method": "none"}) == ""
     adamw = row | {"setting": "adamw", "method": "fo", "alpha_rule": "preconditioned"}
     assert superseded(adamw) == EARLIER_D and superseded(adamw | {"commit": "abc"}) == ""
     assert superseded(adamw | {"method": "full"}) == EARLIER_D   # the first reason found

@@ -57,6 +57,9 @@ TIMED_AUTO = ("made while `auto` timed exact against fd on its first step (befor
               "exact or fd depended on the machine's load: the shipped auto runs exact and gives other numbers "
               "(issue 22; rerun sample in benchmarks/results/rerun_sample.md)")
 SECOND_ORDER_METHODS = ("fc", "conv", "full")     # the MLTP variants with a second-order term: auto chose how
+OLDER_ROUNDING = ("made before rows recorded their commit; the MLTP step has since changed how it rounds (w' in "
+                  "fused calls, the cosine from norms: commits 07e4d20, 50460da), and sampled reruns of such `fo` "
+                  "rows matched 1 of 4 (benchmarks/results/rerun_sample.md)")
 
 
 def superseded(row: dict) -> str:
@@ -64,7 +67,8 @@ def superseded(row: dict) -> str:
     optimizer the `preconditioned` and `online` rows from before rows recorded their commit were all run before
     commit 9257200 changed D (the `optimizer` rows there came after it, benchmarks/study_curvature.sh). Every
     second-order row from before rows recorded their commit ran under the timed `auto`; every row with a commit
-    came after fdb4952 (the first commit recorded, 02a9fbe, descends from it)."""
+    came after fdb4952 (the first commit recorded, 02a9fbe, descends from it). So did every other MLTP row
+    without a commit from before the step's rounding changed; the baselines' old rows rerun to the last digit."""
     from timm_mltp.mltp import ALPHA_RULES   # here: the report reads CSVs without timm_mltp's import cost otherwise
 
     setting = SETTINGS.get(row["setting"])
@@ -75,6 +79,8 @@ def superseded(row: dict) -> str:
         return EARLIER_D
     if row["method"] in SECOND_ORDER_METHODS and not row.get("commit"):
         return TIMED_AUTO
+    if row["method"] not in BASELINES and not row.get("commit"):
+        return OLDER_ROUNDING
     return ""
 
 
