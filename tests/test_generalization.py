@@ -317,6 +317,7 @@ def test_rows_the_shipped_code_no_longer_makes_are_named_with_why():
     assert superseded(adamw | {"method": "full"}) == EARLIER_D   # the first reason found
     assert superseded(row | {"alpha_rule": "optimizer-v0"}) == GONE_RULE
 
+
 def test_a_row_the_code_no_longer_makes_is_run_again_and_replaced(tmp_path, monkeypatch):
     from study import matrix
     results, device = tmp_path / "results.csv", matrix.device_name(1)
@@ -336,6 +337,7 @@ def test_a_row_the_code_no_longer_makes_is_run_again_and_replaced(tmp_path, monk
         ("full", "71.0", True), ("none", "70.0", False)]
     assert len(results.read_text().splitlines()) == 1 + 3        # the old row stays in the file, read no more
     assert matrix.run_matrix(base, results, None, threads=1, jobs=1) == 0 and len(ran) == 1
+
 
 def test_sign_flip_p_counts_the_sign_patterns_at_least_as_extreme_by_hand():
     # all 8 patterns of (1, 2, 3): sums 6, 4, 2, 0, 0, -2, -4, -6

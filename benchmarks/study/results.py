@@ -67,8 +67,8 @@ def superseded(row: dict) -> str:
     optimizer the `preconditioned` and `online` rows from before rows recorded their commit were all run before
     commit 9257200 changed D (the `optimizer` rows there came after it, benchmarks/study_curvature.sh). Every
     second-order row from before rows recorded their commit ran under the timed `auto`; every row with a commit
-    came after fdb4952 (the first commit recorded, 02a9fbe, descends from it). So did every other MLTP row
-    without a commit from before the step's rounding changed; the baselines' old rows rerun to the last digit."""
+    came after fdb4952 (the first commit recorded, 02a9fbe, descends from it). The other MLTP rows without a
+    commit predate the step's new rounding; the baselines' old rows rerun to the last digit."""
     from timm_mltp.mltp import ALPHA_RULES   # here: the report reads CSVs without timm_mltp's import cost otherwise
 
     setting = SETTINGS.get(row["setting"])
@@ -111,8 +111,9 @@ def read_rows(path: Path) -> list[dict]:
 def unreplaced(rows: list[dict]) -> list[dict]:
     """`rows` less the superseded ones that have a current row of the same key (a matrix plans a superseded run
     again; the row it appends takes the old one's place)."""
-    current = {key(row) for row in rows if not superseded(row)}
-    return [row for row in rows if not (superseded(row) and key(row) in current)]
+    gone = [bool(superseded(row)) for row in rows]
+    current = {key(row) for row, old in zip(rows, gone) if not old}
+    return [row for row, old in zip(rows, gone) if not (old and key(row) in current)]
 
 
 def append_row(path: Path, row: dict) -> None:
